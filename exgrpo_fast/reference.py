@@ -1,0 +1,344 @@
+"""Plain-PyTorch reference of every op: the executable definition of the maths (DESIGN.md section 3).
+
+Tests and benches take these functions as the truth; exgrpo_fast.ops exposes the same names backed by Triton.
+Nothing here imports triton, and nothing here is tuned for speed: clarity beats memory.
+
+Shapes: T packed tokens, S sequences, P groups, V vocab, H hidden. Token tensors are flat [T]; per-sequence
+tensors are [S]; seq_ids[T] maps each token to its sequence; mask[T] marks the tokens that count in the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+LOG_RATIO_CLAMP = 20.0  # log-ratios are clamped to +-20 before exp (exp(20) ~ 4.9e8 stays finite in fp32)
+
+LOSS_TYPES = ("ppo", "cispo")
+RATIO_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+ADV_SCALES = ("group", "batch", "none")
+STAT_NAMES = ("clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_max", "kl_ref", "kl_teacher")
+
+
+@dataclass
+class LossConfig:
+    """Options of the clipped policy loss. Every field is validated on construction."""
+
+    loss_type: str = "ppo"
+    """"ppo": clipped surrogate max(-A r, -A clip(r)); "cispo": -sg(min(r, 1+clip_high)) A logp (MiniMax-M1)."""
+    ratio_level: str = "token"
+    """"token": r_t = exp(logp_t - old_t); "sequence" (GSPO): exp(masked mean of logp - old over the sequence)."""
+    clip_low: float = 0.2
+    """Lower clip: r is clipped at 1 - clip_low (ppo only). In [0, 1)."""
+    clip_high: float = 0.2
+    """Upper clip: r is clipped at 1 + clip_high (ppo), or truncated there (cispo). >= 0."""
+    dual_clip_c: float | None = None
+    """Dual-clip constant c > 1: for A < 0 the per-token surrogate is capped at -A c. None = off."""
+    delta: float | None = None
+    """Upper bound on r in the unclipped term only, -A min(r, delta) (two-sided clipping as in TRL). None = off."""
+    kl_estimator: str = "k3"
+    """Estimator of KL(pi || ref) and KL(pi || teacher) from d = logp - other: k1 d, k2 d^2/2, k3 exp(-d)+d-1, abs |d|."""
+    kl_beta: float = 0.0
+    """Weight of the KL penalty to the reference policy (needs ref_logp when > 0)."""
+    teacher_beta: float = 0.0
+    """Weight of the KL penalty to the teacher on the student's own tokens (needs teacher_logp when > 0)."""
+    loss_agg: str = "token-mean"
+    """"token-mean" (sum / masked tokens), "seq-mean-token-mean", "seq-mean-token-sum",
+    "seq-mean-token-sum-norm" (sum / (S * max_len), Dr. GRPO). Sequences with no masked token do not count."""
+    max_len: int | None = None
+    """Normaliser of "seq-mean-token-sum-norm"; None = the largest masked-token count of any sequence in the batch."""
+
+    def __post_init__(self) -> None:
+        def choose(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"LossConfig.{name}={value!r}: expected one of {allowed}")
+
+        choose("loss_type", LOSS_TYPES)
+        choose("ratio_level", RATIO_LEVELS)
+        choose("kl_estimator", KL_ESTIMATORS)
+        choose("loss_agg", LOSS_AGGS)
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and v != v:
+                raise ValueError(f"LossConfig.{f.name} is NaN")
+        if not 0.0 <= self.clip_low < 1.0:
+            raise ValueError(f"LossConfig.clip_low={self.clip_low}: expected 0 <= clip_low < 1")
+        if self.clip_high < 0.0:
+            raise ValueError(f"LossConfig.clip_high={self.clip_high}: expected >= 0")
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
+            raise ValueError(f"LossConfig.dual_clip_c={self.dual_clip_c}: expected > 1 (or None for off)")
+        if self.delta is not None and self.delta <= 1.0 + self.clip_high:
+            raise ValueError(
+                f"LossConfig.delta={self.delta}: expected > 1 + clip_high = {1.0 + self.clip_high} (or None for off)"
+            )
+        if self.kl_beta < 0.0 or self.teacher_beta < 0.0:
+            raise ValueError(f"LossConfig: kl_beta={self.kl_beta} and teacher_beta={self.teacher_beta} must be >= 0")
+        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
+            raise ValueError(f"LossConfig.max_len={self.max_len!r}: expected a positive int (or None)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# log-probs
+
+
+def token_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False
+):
+    """logp[t] = log_softmax(logits[t].float() / temperature)[labels[t]], fp32 [T]; optionally the entropy of the
+    same tempered distribution, fp32 [T]. Differentiable w.r.t. logits."""
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # (T, V)
+    logp = logprobs.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)  # (T,)
+    if not return_entropy:
+        return logp
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logp, entropy
+
+
+def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The LM head: logits[T, V] = hidden[T, H] @ weight[V, H]^T (+ bias), in the inputs' dtype."""
+    return F.linear(hidden, weight, bias)
+
+
+def token_logprobs_linear(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
+    """token_logprobs of the LM head's logits (materialised here; the fused op never does)."""
+    return token_logprobs(
+        linear_logits(hidden, weight, bias), labels, temperature=temperature, return_entropy=return_entropy
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# advantages
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    scale: str = "group",
+    eps: float = 1e-6,
+    nan_to_zero: bool = False,
+) -> torch.Tensor:
+    """GRPO advantages, fp32 [S].
+
+    "group": (r - mean_g) / (std_g + eps), std with Bessel's correction; "batch": (r - mean_g) / (std over all S + eps);
+    "none": r - mean_g (Dr. GRPO). A group of size 1 gets 0. A NaN reward raises unless nan_to_zero, in which case its
+    advantage is 0 and it is left out of its group's statistics (and of the batch std).
+    """
+    if scale not in ADV_SCALES:
+        raise ValueError(f"scale={scale!r}: expected one of {ADV_SCALES}")
+    r = rewards.float()
+    valid = ~torch.isnan(r)
+    if not nan_to_zero and not bool(valid.all()):
+        raise ValueError("rewards contain NaN; pass nan_to_zero=True to give those samples advantage 0")
+    gid = group_ids.long()
+    num_groups = int(gid.max()) + 1 if gid.numel() else 0
+    vf = valid.float()
+    r0 = torch.where(valid, r, torch.zeros_like(r))
+    count = torch.zeros(num_groups, dtype=torch.float32, device=r.device).index_add_(0, gid, vf)
+    total = torch.zeros(num_groups, dtype=torch.float32, device=r.device).index_add_(0, gid, r0)
+    mean = total / count.clamp_min(1.0)
+    dev = torch.where(valid, r - mean[gid], torch.zeros_like(r))
+    if scale == "group":
+        var = torch.zeros(num_groups, dtype=torch.float32, device=r.device).index_add_(0, gid, dev * dev)
+        std = (var / (count - 1.0).clamp_min(1.0)).sqrt()
+        adv = dev / (std[gid] + eps)
+    elif scale == "batch":
+        n = vf.sum()
+        batch_mean = r0.sum() / n.clamp_min(1.0)
+        centred = torch.where(valid, r - batch_mean, torch.zeros_like(r))
+        std = ((centred * centred).sum() / (n - 1.0).clamp_min(1.0)).sqrt()
+        adv = dev / (std + eps)
+    else:
+        adv = dev
+    keep = valid & (count[gid] > 1.0)
+    return torch.where(keep, adv, torch.zeros_like(adv))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# policy loss
+
+
+def kl_estimate(d: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || other) from d = logp - other_logp."""
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        d = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        return torch.exp(-d) + d - 1.0
+    if estimator == "abs":
+        return d.abs()
+    raise ValueError(f"kl_estimator={estimator!r}: expected one of {KL_ESTIMATORS}")
+
+
+def _segment_sum(values: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    return torch.zeros(num_seqs, dtype=values.dtype, device=values.device).index_add(0, seq_ids, values)
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    seq_ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    teacher_logp: torch.Tensor | None = None,
+    cfg: LossConfig | None = None,
+):
+    """Clipped policy loss with KL to the reference and the teacher. Returns (loss 0-dim, stats dict of 0-dim).
+
+    Differentiable w.r.t. logp. Tokens where mask is 0 contribute nothing (their inputs are zeroed before any exp).
+    """
+    cfg = cfg if cfg is not None else LossConfig()
+    if cfg.kl_beta > 0 and ref_logp is None:
+        raise ValueError("cfg.kl_beta > 0 needs ref_logp")
+    if cfg.teacher_beta > 0 and teacher_logp is None:
+        raise ValueError("cfg.teacher_beta > 0 needs teacher_logp")
+    m = mask.bool() if mask.dtype == torch.bool else mask != 0
+    mf = m.float()
+    seq_ids = seq_ids.long()
+    num_seqs = advantages.shape[0]
+    zero = torch.zeros((), dtype=torch.float32, device=logp.device)
+
+    def masked(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(m, x.float(), zero)
+
+    logp = masked(logp)
+    old = masked(old_logp)
+    adv = advantages.float()[seq_ids]  # (T,)
+    count = _segment_sum(mf, seq_ids, num_seqs)  # (S,) masked tokens per sequence
+    num_tokens = mf.sum()
+
+    # ---- importance ratio
+    log_ratio = logp - old
+    if cfg.ratio_level == "sequence":
+        seq_log_ratio = _segment_sum(log_ratio, seq_ids, num_seqs) / count.clamp_min(1.0)
+        log_ratio = seq_log_ratio[seq_ids]
+    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+    # ---- surrogate
+    if cfg.loss_type == "ppo":
+        unclipped = ratio if cfg.delta is None else ratio.clamp(max=cfg.delta)
+        clipped = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+        per_token = torch.maximum(-adv * unclipped, -adv * clipped)
+        if cfg.dual_clip_c is not None:
+            per_token = torch.where(adv < 0, torch.minimum(per_token, -adv * cfg.dual_clip_c), per_token)
+        is_low = (ratio < 1.0 - cfg.clip_low) & (adv < 0)
+        is_high = (ratio > 1.0 + cfg.clip_high) & (adv > 0)
+    else:  # cispo
+        weight = ratio.clamp(max=1.0 + cfg.clip_high).detach()
+        per_token = -weight * adv * logp
+        is_low = torch.zeros_like(m)
+        is_high = ratio > 1.0 + cfg.clip_high
+
+    # ---- KL terms
+    stats_kl_ref = zero
+    stats_kl_teacher = zero
+    if ref_logp is not None:
+        kl_ref = kl_estimate(logp - masked(ref_logp), cfg.kl_estimator)
+        per_token = per_token + cfg.kl_beta * kl_ref
+        stats_kl_ref = (kl_ref * mf).sum().detach() / num_tokens.clamp_min(1.0)
+    if teacher_logp is not None:
+        kl_teacher = kl_estimate(logp - masked(teacher_logp), cfg.kl_estimator)
+        per_token = per_token + cfg.teacher_beta * kl_teacher
+        stats_kl_teacher = (kl_teacher * mf).sum().detach() / num_tokens.clamp_min(1.0)
+    per_token = per_token * mf
+
+    # ---- aggregation
+    has_tokens = (count > 0).float()
+    num_live = has_tokens.sum().clamp_min(1.0)
+    if cfg.loss_agg == "token-mean":
+        loss = per_token.sum() / num_tokens.clamp_min(1.0)
+    elif cfg.loss_agg == "seq-mean-token-mean":
+        loss = (_segment_sum(per_token, seq_ids, num_seqs) / count.clamp_min(1.0)).sum() / num_live
+    elif cfg.loss_agg == "seq-mean-token-sum":
+        loss = _segment_sum(per_token, seq_ids, num_seqs).sum() / num_live
+    else:  # seq-mean-token-sum-norm
+        max_len = float(cfg.max_len) if cfg.max_len is not None else count.max().clamp_min(1.0)
+        loss = per_token.sum() / (num_live * max_len)
+
+    # ---- stats (0-dim tensors, no host sync)
+    ratio_d = ratio.detach()
+    denom = num_tokens.clamp_min(1.0)
+    stats = {
+        "clip_frac_low": (is_low & m).float().sum() / denom,
+        "clip_frac_high": (is_high & m).float().sum() / denom,
+        "ratio_mean": (ratio_d * mf).sum() / denom,
+        "ratio_max": torch.where(m, ratio_d, zero).max() if m.numel() else zero,
+        "kl_ref": stats_kl_ref,
+        "kl_teacher": stats_kl_teacher,
+    }
+    return loss, stats
+
+
+def fused_policy_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    seq_ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: torch.Tensor | None = None,
+    teacher_logp: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    cfg: LossConfig | None = None,
+):
+    """token_logprobs then policy_loss; stats also hold the masked mean entropy. Grads w.r.t. logits."""
+    logp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
+    loss, stats = policy_loss(
+        logp, old_logp, advantages, seq_ids, mask, ref_logp=ref_logp, teacher_logp=teacher_logp, cfg=cfg
+    )
+    stats["entropy"] = masked_mean(entropy.detach(), mask)
+    return loss, stats
+
+
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    seq_ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    teacher_logp: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    cfg: LossConfig | None = None,
+):
+    """fused_policy_loss on the LM head's logits. Grads w.r.t. hidden, weight (and bias)."""
+    return fused_policy_loss(
+        linear_logits(hidden, weight, bias),
+        labels,
+        old_logp,
+        advantages,
+        seq_ids,
+        mask,
+        ref_logp=ref_logp,
+        teacher_logp=teacher_logp,
+        temperature=temperature,
+        cfg=cfg,
+    )
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over tokens where mask is set (0 when none), fp32 0-dim."""
+    m = (mask.bool() if mask.dtype == torch.bool else mask != 0).float()
+    return (x.float() * m).sum() / m.sum().clamp_min(1.0)
