@@ -199,11 +199,67 @@ def _check_temperature(temperature: float) -> float:
 # token_logprobs  (csrc_triton/logprob.py)
 
 
+class _TokenLogprobs(torch.autograd.Function):
+    """logp (and entropy) from logits; the backward writes dlogits, in place into the logits buffer by default."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature: float, return_entropy: bool, inplace_backward: bool):
+        from csrc_triton import logprob
+
+        logp, lse, entropy = logprob.logprob_forward(logits, labels, temperature, return_entropy)
+        ctx.temperature = temperature
+        ctx.inplace_backward = inplace_backward
+        ctx.save_for_backward(logits, labels, lse, entropy)
+        if return_entropy:
+            return logp, entropy
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        from csrc_triton import logprob
+
+        logits, labels, lse, entropy = ctx.saved_tensors
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        dlogits = logprob.logprob_backward(
+            logits, labels, lse, grad_logp, ctx.temperature,
+            grad_entropy=grad_entropy, entropy=entropy, inplace=ctx.inplace_backward,
+        )  # fmt: skip
+        if ctx.inplace_backward:
+            # the logits buffer now holds the gradient: any other node that saved it must fail loudly, not silently
+            torch.autograd.graph.increment_version(logits)
+        return dlogits, None, None, None, None
+
+
+def _check_logits_labels(logits, labels) -> None:
+    _check_tensor("logits", logits, ndim=2)
+    _check_float("logits", logits)
+    _check_tensor("labels", labels, ndim=1, device=logits.device)
+    _check_index("labels", labels)
+    _check_len("labels", labels, logits.shape[0], "T (logits.shape[0])")
+    if logits.shape[0] == 0:
+        raise ValueError("logits is empty: the batch has no tokens")
+    if logits.shape[1] == 0:
+        raise ValueError("logits has V=0 columns")
+    _check_range("labels", labels, logits.shape[1], "V")
+
+
 def token_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    inplace_backward: bool = True,
 ):
-    """logp[T] fp32 (and entropy[T] fp32) of labels under softmax(logits / temperature). Differentiable."""
-    return reference.token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy)
+    """logp[T] fp32 (and entropy[T] fp32) of labels under softmax(logits / temperature). Differentiable w.r.t.
+    logits (both outputs). With inplace_backward (default) the backward writes dlogits into the logits buffer
+    itself, so no second [T, V] tensor is allocated; the logits then hold their gradient."""
+    _check_logits_labels(logits, labels)
+    temperature = _check_temperature(temperature)
+    if backend_for(logits.device) == "reference":
+        return reference.token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy)
+    return _TokenLogprobs.apply(logits, labels, temperature, return_entropy, inplace_backward)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,7 +275,55 @@ def group_advantages(
     nan_to_zero: bool = False,
 ) -> torch.Tensor:
     """GRPO advantages fp32 [S]; see reference.group_advantages."""
-    return reference.group_advantages(rewards, group_ids, scale=scale, eps=eps, nan_to_zero=nan_to_zero)
+    _check_tensor("rewards", rewards, ndim=1)
+    _check_float("rewards", rewards)
+    _check_tensor("group_ids", group_ids, ndim=1, device=rewards.device)
+    _check_index("group_ids", group_ids)
+    _check_len("group_ids", group_ids, rewards.shape[0], "S (len(rewards))")
+    if rewards.shape[0] == 0:
+        raise ValueError("rewards is empty: the batch has no samples")
+    if scale not in reference.ADV_SCALES:
+        raise ValueError(f"scale={scale!r}: expected one of {reference.ADV_SCALES}")
+    if not eps >= 0.0:
+        raise ValueError(f"eps={eps}: expected >= 0")
+    _check_range("group_ids", group_ids, rewards.shape[0], "S (len(rewards))")
+    # sync: one [S] check per step; NaN rewards are an error unless asked for, even with value checks off
+    if not nan_to_zero and bool(torch.isnan(rewards).any()):
+        raise ValueError("rewards contain NaN; pass nan_to_zero=True to give those samples advantage 0")
+    if backend_for(rewards.device) == "reference":
+        return reference.group_advantages(rewards, group_ids, scale=scale, eps=eps, nan_to_zero=True)
+    from csrc_triton import loss_head
+
+    return loss_head.group_advantages(rewards, group_ids, scale, float(eps))
+
+
+class _PolicyLoss(torch.autograd.Function):
+    """The loss head: forward computes the loss, stats and g = dL/dlogp at once; backward scales g."""
+
+    @staticmethod
+    def forward(ctx, logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg):
+        from csrc_triton import loss_head
+
+        loss, grad, stats = loss_head.loss_head(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg)
+        ctx.logp_dtype = logp.dtype
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(*stats.values())
+        return (loss, *stats.values())
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_stat_grads):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss).to(ctx.logp_dtype), None, None, None, None, None, None, None
+
+
+def _policy_loss(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg):
+    """policy_loss without validation (the fused ops validate once and call this)."""
+    if backend_for(logp.device) == "reference":
+        return reference.policy_loss(
+            logp, old_logp, advantages, seq_ids, mask, ref_logp=ref_logp, teacher_logp=teacher_logp, cfg=cfg
+        )
+    loss, *values = _PolicyLoss.apply(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg)
+    return loss, dict(zip(reference.STAT_NAMES, values))
 
 
 def policy_loss(
@@ -234,9 +338,12 @@ def policy_loss(
     cfg: LossConfig | None = None,
 ):
     """(loss, stats) of the clipped policy loss; differentiable w.r.t. logp. See reference.policy_loss."""
-    return reference.policy_loss(
-        logp, old_logp, advantages, seq_ids, mask, ref_logp=ref_logp, teacher_logp=teacher_logp, cfg=cfg
+    _check_tensor("logp", logp, ndim=1)
+    _check_float("logp", logp)
+    cfg = _check_token_inputs(
+        "logp", logp.shape[0], logp.device, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg
     )
+    return _policy_loss(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,20 +362,24 @@ def fused_policy_loss(
     teacher_logp: torch.Tensor | None = None,
     temperature: float = 1.0,
     cfg: LossConfig | None = None,
+    inplace_backward: bool = True,
 ):
-    """(loss, stats) from logits[T, V]; grads w.r.t. logits. See reference.fused_policy_loss."""
-    return reference.fused_policy_loss(
-        logits,
-        labels,
-        old_logp,
-        advantages,
-        seq_ids,
-        mask,
-        ref_logp=ref_logp,
-        teacher_logp=teacher_logp,
-        temperature=temperature,
-        cfg=cfg,
+    """(loss, stats) from logits[T, V]; grads w.r.t. logits, written in place into the logits buffer unless
+    inplace_backward=False. stats also hold the masked mean entropy. See reference.fused_policy_loss."""
+    _check_logits_labels(logits, labels)
+    temperature = _check_temperature(temperature)
+    cfg = _check_token_inputs(
+        "logits", logits.shape[0], logits.device, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg
     )
+    if backend_for(logits.device) == "reference":
+        return reference.fused_policy_loss(
+            logits, labels, old_logp, advantages, seq_ids, mask,
+            ref_logp=ref_logp, teacher_logp=teacher_logp, temperature=temperature, cfg=cfg,
+        )  # fmt: skip
+    logp, entropy = _TokenLogprobs.apply(logits, labels, temperature, True, inplace_backward)
+    loss, stats = _policy_loss(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg)
+    stats["entropy"] = reference.masked_mean(entropy.detach(), mask)
+    return loss, stats
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,356 @@
+"""The O(T) loss head of the clipped policy loss, and GRPO group advantages.
+
+Everything loss-specific lives here; the O(T*V) log-prob kernels only need g_t = dL/dlogp_t from it.
+
+Per masked token t of sequence s (logp, old, ref, teacher zeroed where mask is 0 before any exp):
+    lr_t  = logp_t - old_t                       (token)   or  mean_{u in s} (logp_u - old_u)   (sequence, GSPO)
+    r     = exp(clamp(lr, -20, 20))
+    ppo   : pg = max(-A min(r, delta), -A clip(r, 1-clip_low, 1+clip_high)), capped at -A c for A < 0 (dual clip)
+    cispo : pg = -sg(min(r, 1+clip_high)) A logp_t
+    loss  = sum_t w_s(t) (pg_t + kl_beta k(logp_t - ref_t) + teacher_beta k(logp_t - teacher_t))
+with the aggregation weight w_s: token-mean 1/N, seq-mean-token-mean 1/(n_s L), seq-mean-token-sum 1/L,
+seq-mean-token-sum-norm 1/(L max_len); N masked tokens, n_s masked tokens of s, L sequences with n_s > 0.
+
+Gradient: for GSPO every masked token of s shares r_s and A_s, so pg is the same for all of them and
+dL/dlogp_t = w_s * dpg/dr * r_s (the n_s tokens each contribute 1/n_s of d lr_s / d logp_t); no extra pass needed.
+
+Passes (all deterministic: no float atomics; partials are combined in a fixed order):
+    1. _seq_stats_kernel, grid (S,): masked count n_s and summed log-ratio of sequence s (scans T in blocks).
+    2. a few [S]-sized torch ops on device: L, N, max_len, w_s (no host sync).
+    3. _token_kernel, grid (cdiv(T, BLOCK),): per-token loss terms and g_t; per-block partial sums of the loss and
+       stats, summed afterwards by torch in a fixed order.
+Bytes: pass 1 reads S*T*(seq_id + mask) from L2; pass 3 reads ~5 T floats and writes T floats.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from exgrpo_fast.reference import LOG_RATIO_CLAMP, LossConfig
+
+_LOSS_TYPES = {"ppo": 0, "cispo": 1}
+_KL = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
+_AGG = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
+_NUM_PARTIALS = 7  # loss, low clips, high clips, ratio sum, ratio max, kl_ref sum, kl_teacher sum
+
+
+@triton.jit
+def _kl_value_grad(d, KL_ESTIMATOR: tl.constexpr, CLAMP: tl.constexpr):
+    """Estimator of KL(pi || other) from d = logp - other, and its derivative w.r.t. logp."""
+    if KL_ESTIMATOR == 0:  # k1
+        value = d
+        grad = tl.full(d.shape, 1.0, tl.float32)
+    elif KL_ESTIMATOR == 1:  # k2
+        value = 0.5 * d * d
+        grad = d
+    elif KL_ESTIMATOR == 2:  # k3, clamped like every log-ratio before exp
+        dc = tl.minimum(tl.maximum(d, -CLAMP), CLAMP)
+        e = tl.exp(-dc)
+        value = e + dc - 1.0
+        grad = tl.where((d >= -CLAMP) & (d <= CLAMP), 1.0 - e, 0.0)
+    else:  # abs
+        value = tl.abs(d)
+        grad = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+    return value, grad
+
+
+@triton.jit
+def _seq_stats_kernel(
+    # pointers
+    logp_ptr,
+    old_ptr,
+    seq_ids_ptr,
+    mask_ptr,
+    count_ptr,
+    log_ratio_sum_ptr,
+    # sizes
+    T,
+    # constants
+    BLOCK: tl.constexpr,
+):
+    s = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    count = tl.zeros((BLOCK,), tl.float32)
+    total = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, T, BLOCK):
+        idx = start + offs.to(tl.int64)
+        inb = idx < T
+        sel = inb & (tl.load(seq_ids_ptr + idx, mask=inb, other=-1).to(tl.int64) == s)
+        sel = sel & (tl.load(mask_ptr + idx, mask=inb, other=0) != 0)
+        lp = tl.load(logp_ptr + idx, mask=sel, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + idx, mask=sel, other=0.0).to(tl.float32)
+        count += sel.to(tl.float32)
+        total += tl.where(sel, lp - old, 0.0)
+    tl.store(count_ptr + s, tl.sum(count, 0))
+    tl.store(log_ratio_sum_ptr + s, tl.sum(total, 0))
+
+
+@triton.jit
+def _token_kernel(
+    # pointers: per-token inputs
+    logp_ptr,
+    old_ptr,
+    ref_ptr,
+    teacher_ptr,
+    seq_ids_ptr,
+    mask_ptr,
+    # pointers: per-sequence inputs
+    adv_ptr,
+    seq_log_ratio_ptr,  # mean log-ratio of each sequence (used when SEQ_RATIO)
+    weight_ptr,  # aggregation weight w_s of each sequence
+    # pointers: outputs
+    grad_ptr,  # g_t = dL/dlogp_t, fp32 [T]
+    partials_ptr,  # [NUM_PARTIALS, num_blocks]
+    # sizes
+    T,
+    num_blocks,
+    # scalars
+    clip_low,
+    clip_high,
+    dual_clip_c,
+    delta,
+    kl_beta,
+    teacher_beta,
+    # constants
+    CISPO: tl.constexpr,
+    SEQ_RATIO: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    HAS_TEACHER: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr,
+    CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = idx < T
+    m = inb & (tl.load(mask_ptr + idx, mask=inb, other=0) != 0)
+    # ---- inputs, zeroed where the mask is off (before any exp)
+    logp = tl.load(logp_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + idx, mask=m, other=0.0).to(tl.float32)
+    seq = tl.load(seq_ids_ptr + idx, mask=inb, other=0).to(tl.int64)
+    adv = tl.load(adv_ptr + seq, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(weight_ptr + seq, mask=m, other=0.0)
+    if SEQ_RATIO:
+        log_ratio = tl.load(seq_log_ratio_ptr + seq, mask=m, other=0.0)
+    else:
+        log_ratio = logp - old
+    in_range = (log_ratio >= -CLAMP) & (log_ratio <= CLAMP)
+    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -CLAMP), CLAMP))
+
+    # ---- surrogate and its derivative
+    hi = 1.0 + clip_high
+    if CISPO:
+        trunc = tl.minimum(ratio, hi)
+        pg = -trunc * adv * logp
+        grad = -trunc * adv  # the IS weight is stop-gradient
+        is_low = tl.zeros((BLOCK,), tl.int1)
+        is_high = ratio > hi
+    else:
+        lo = 1.0 - clip_low
+        unclipped = ratio
+        d_unclipped = tl.full((BLOCK,), 1.0, tl.float32)
+        if HAS_DELTA:
+            unclipped = tl.minimum(ratio, delta)
+            d_unclipped = tl.where(ratio <= delta, 1.0, 0.0)
+        clipped = tl.minimum(tl.maximum(ratio, lo), hi)
+        d_clipped = tl.where((ratio >= lo) & (ratio <= hi), 1.0, 0.0)
+        l1 = -adv * unclipped
+        l2 = -adv * clipped
+        pg = tl.maximum(l1, l2)
+        # torch.maximum sends half the gradient to each side on a tie
+        d_ratio = tl.where(l1 > l2, -adv * d_unclipped, tl.where(l1 < l2, -adv * d_clipped,
+                                                                    -0.5 * adv * (d_unclipped + d_clipped)))
+        if DUAL_CLIP:
+            cap = -adv * dual_clip_c
+            capped = (adv < 0) & (cap < pg)
+            tied = (adv < 0) & (cap == pg)
+            pg = tl.where(capped, cap, pg)
+            d_ratio = tl.where(capped, 0.0, tl.where(tied, 0.5 * d_ratio, d_ratio))
+        grad = d_ratio * tl.where(in_range, ratio, 0.0)
+        is_low = (ratio < lo) & (adv < 0)
+        is_high = (ratio > hi) & (adv > 0)
+
+    # ---- KL to the reference and the teacher
+    per_token = pg
+    kl_ref = tl.zeros((BLOCK,), tl.float32)
+    kl_teacher = tl.zeros((BLOCK,), tl.float32)
+    if HAS_REF:
+        ref = tl.load(ref_ptr + idx, mask=m, other=0.0).to(tl.float32)
+        kl_ref, dkl = _kl_value_grad(logp - ref, KL_ESTIMATOR, CLAMP)
+        per_token += kl_beta * kl_ref
+        grad += kl_beta * dkl
+    if HAS_TEACHER:
+        teacher = tl.load(teacher_ptr + idx, mask=m, other=0.0).to(tl.float32)
+        kl_teacher, dklt = _kl_value_grad(logp - teacher, KL_ESTIMATOR, CLAMP)
+        per_token += teacher_beta * kl_teacher
+        grad += teacher_beta * dklt
+
+    tl.store(grad_ptr + idx, tl.where(m, w * grad, 0.0), mask=inb)
+    # ---- per-block partials (combined outside in a fixed order)
+    tl.store(partials_ptr + 0 * num_blocks + pid, tl.sum(tl.where(m, w * per_token, 0.0), 0))
+    tl.store(partials_ptr + 1 * num_blocks + pid, tl.sum((is_low & m).to(tl.float32), 0))
+    tl.store(partials_ptr + 2 * num_blocks + pid, tl.sum((is_high & m).to(tl.float32), 0))
+    tl.store(partials_ptr + 3 * num_blocks + pid, tl.sum(tl.where(m, ratio, 0.0), 0))
+    tl.store(partials_ptr + 4 * num_blocks + pid, tl.max(tl.where(m, ratio, 0.0), 0))
+    tl.store(partials_ptr + 5 * num_blocks + pid, tl.sum(tl.where(m, kl_ref, 0.0), 0))
+    tl.store(partials_ptr + 6 * num_blocks + pid, tl.sum(tl.where(m, kl_teacher, 0.0), 0))
+
+
+def _blocks(device: torch.device) -> tuple[int, int]:
+    """(BLOCK for the token pass, BLOCK for the per-sequence scan)."""
+    return (1024, 2048) if device.type == "cuda" else (64, 256)
+
+
+def loss_head(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    seq_ids: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    teacher_logp: torch.Tensor | None,
+    cfg: LossConfig,
+):
+    """Launch the loss head. Returns (loss 0-dim fp32, g [T] fp32 = dL/dlogp, stats dict of 0-dim fp32)."""
+    T, S = logp.shape[0], advantages.shape[0]
+    device = logp.device
+    block, scan_block = _blocks(device)
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    logp, old_logp, seq_ids, mask = logp.contiguous(), old_logp.contiguous(), seq_ids.contiguous(), mask.contiguous()
+    advantages = advantages.contiguous()
+
+    # ---- pass 1: per-sequence masked counts and log-ratio sums
+    count = torch.empty(S, dtype=torch.float32, device=device)
+    log_ratio_sum = torch.empty(S, dtype=torch.float32, device=device)
+    _seq_stats_kernel[(S,)](logp, old_logp, seq_ids, mask, count, log_ratio_sum, T, BLOCK=scan_block)
+
+    # ---- pass 2: aggregation weights on device (no host sync)
+    num_tokens = count.sum()
+    num_live = (count > 0).sum().to(torch.float32).clamp_min(1.0)
+    agg = cfg.loss_agg
+    if agg == "token-mean":
+        weight = (1.0 / num_tokens.clamp_min(1.0)).expand(S)
+    elif agg == "seq-mean-token-mean":
+        weight = 1.0 / (count.clamp_min(1.0) * num_live)
+    elif agg == "seq-mean-token-sum":
+        weight = (1.0 / num_live).expand(S)
+    else:
+        max_len = float(cfg.max_len) if cfg.max_len is not None else count.max().clamp_min(1.0)
+        weight = (1.0 / (num_live * max_len)).expand(S)
+    weight = weight.contiguous()
+    seq_log_ratio = log_ratio_sum / count.clamp_min(1.0)
+
+    # ---- pass 3: per-token loss, gradient and partial sums
+    num_blocks = triton.cdiv(T, block)
+    grad = torch.empty(T, dtype=torch.float32, device=device)
+    partials = torch.empty(_NUM_PARTIALS, num_blocks, dtype=torch.float32, device=device)
+    _token_kernel[(num_blocks,)](
+        logp, old_logp,
+        ref_logp.contiguous() if ref_logp is not None else logp,
+        teacher_logp.contiguous() if teacher_logp is not None else logp,
+        seq_ids, mask,
+        advantages, seq_log_ratio, weight,
+        grad, partials,
+        T, num_blocks,
+        float(cfg.clip_low), float(cfg.clip_high),
+        float(cfg.dual_clip_c or 0.0), float(cfg.delta or 0.0),
+        float(cfg.kl_beta), float(cfg.teacher_beta),
+        CISPO=cfg.loss_type == "cispo", SEQ_RATIO=cfg.ratio_level == "sequence",
+        DUAL_CLIP=cfg.dual_clip_c is not None, HAS_DELTA=cfg.delta is not None,
+        HAS_REF=ref_logp is not None, HAS_TEACHER=teacher_logp is not None,
+        KL_ESTIMATOR=_KL[cfg.kl_estimator], CLAMP=LOG_RATIO_CLAMP, BLOCK=block,
+    )  # fmt: skip
+    sums = partials.sum(dim=1)
+    denom = num_tokens.clamp_min(1.0)
+    stats = {
+        "clip_frac_low": sums[1] / denom,
+        "clip_frac_high": sums[2] / denom,
+        "ratio_mean": sums[3] / denom,
+        "ratio_max": partials[4].max(),
+        "kl_ref": sums[5] / denom,
+        "kl_teacher": sums[6] / denom,
+    }
+    return sums[0], grad, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# group advantages
+
+
+@triton.jit
+def _group_advantages_kernel(
+    # pointers
+    rewards_ptr,
+    group_ids_ptr,
+    adv_ptr,
+    batch_std_ptr,
+    # sizes
+    S,
+    # scalars
+    eps,
+    # constants
+    SCALE: tl.constexpr,  # 0 group, 1 batch, 2 none
+    BLOCK: tl.constexpr,
+):
+    """One program per group id g in [0, S): scans the rewards twice (mean, then variance) and writes the
+    advantages of the group's members. NaN rewards are excluded from the statistics and get 0."""
+    g = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    count = tl.zeros((BLOCK,), tl.float32)
+    total = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, S, BLOCK):
+        idx = start + offs
+        inb = idx < S
+        r = tl.load(rewards_ptr + idx, mask=inb, other=0.0).to(tl.float32)
+        sel = inb & (tl.load(group_ids_ptr + idx, mask=inb, other=-1).to(tl.int64) == g) & (r == r)
+        count += sel.to(tl.float32)
+        total += tl.where(sel, r, 0.0)
+    n = tl.sum(count, 0)
+    mean = tl.sum(total, 0) / tl.maximum(n, 1.0)
+    if SCALE == 0:
+        sq = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, S, BLOCK):
+            idx = start + offs
+            inb = idx < S
+            r = tl.load(rewards_ptr + idx, mask=inb, other=0.0).to(tl.float32)
+            sel = inb & (tl.load(group_ids_ptr + idx, mask=inb, other=-1).to(tl.int64) == g) & (r == r)
+            dev = tl.where(sel, r - mean, 0.0)
+            sq += dev * dev
+        inv = 1.0 / (tl.sqrt(tl.sum(sq, 0) / tl.maximum(n - 1.0, 1.0)) + eps)
+    elif SCALE == 1:
+        inv = 1.0 / (tl.load(batch_std_ptr) + eps)
+    else:
+        inv = 1.0
+    for start in range(0, S, BLOCK):
+        idx = start + offs
+        inb = idx < S
+        r = tl.load(rewards_ptr + idx, mask=inb, other=0.0).to(tl.float32)
+        member = inb & (tl.load(group_ids_ptr + idx, mask=inb, other=-1).to(tl.int64) == g)
+        adv = tl.where(r == r, (r - mean) * inv, 0.0)
+        tl.store(adv_ptr + idx, adv * (n > 1.0).to(tl.float32), mask=member)
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, scale: str, eps: float) -> torch.Tensor:
+    """Launch the advantage kernel (NaN rewards already allowed by the caller). Returns fp32 [S]."""
+    S = rewards.shape[0]
+    rewards, group_ids = rewards.contiguous(), group_ids.contiguous()
+    adv = torch.empty(S, dtype=torch.float32, device=rewards.device)
+    batch_std = adv  # dummy pointer unless scale == "batch"
+    if scale == "batch":
+        r = rewards.float()
+        valid = ~torch.isnan(r)
+        n = valid.sum().to(torch.float32)
+        mean = torch.where(valid, r, 0.0).sum() / n.clamp_min(1.0)
+        centred = torch.where(valid, r - mean, 0.0)
+        batch_std = ((centred * centred).sum() / (n - 1.0).clamp_min(1.0)).sqrt().reshape(1)
+    block = 1024 if rewards.device.type == "cuda" else 64
+    _group_advantages_kernel[(S,)](
+        rewards, group_ids, adv, batch_std, S, float(eps),
+        SCALE={"group": 0, "batch": 1, "none": 2}[scale], BLOCK=block,
+    )  # fmt: skip
+    return adv
