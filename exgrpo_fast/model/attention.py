@@ -1,0 +1,201 @@
+"""Varlen (packed, padding-free) attention backends, plugged into transformers through AttentionInterface.
+
+A packed micro-batch is one row of T tokens holding S documents; `cu_seqlens` (int32 [S+1]) and `max_seqlen` say where
+each starts. The model forward receives them as explicit keyword arguments (`cu_seq_lens_q`, `cu_seq_lens_k`,
+`max_length_q`, `max_length_k`, the names transformers' flash-attention path uses, plus `seq_lens_host` for the CPU
+reference), so no layer has to derive them from position_ids with a host sync.
+
+Backends, in order of preference when "auto":
+    flash_attn       flash_attn.flash_attn_varlen_func (flash-attn 2/3), native GQA
+    flash_attn_cute  flash_attn.cute.flash_attn_varlen_func (flash-attn 4)
+    torch_varlen     torch.nn.attention.varlen.varlen_attn (PyTorch >= 2.10, CUDA SM80+)
+    sdpa_ref         reference: causal SDPA per document (any device; the CPU default)
+
+Without packing kwargs (rollouts: left-padded batches with a KV cache) the same registered implementation falls
+through to transformers' SDPA path with its ordinary padding mask.
+
+Traps guarded: tokens of the buffer beyond cu_seqlens[-1] get a zero output (they cannot poison gradients); GQA
+heads are repeated only where the backend lacks native GQA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+_log = logging.getLogger(__name__)
+
+IMPLEMENTATION = "exgrpo_packed"  # the attn_implementation name models are loaded with
+BACKENDS = ("flash_attn", "flash_attn_cute", "torch_varlen", "sdpa_ref")
+_active = "sdpa_ref"
+_logged: set[str] = set()
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends that can run on `device`, in order of preference."""
+    device = torch.device(device)
+    found = []
+    if device.type == "cuda":
+        if _has_module("flash_attn"):
+            found.append("flash_attn")
+        if _has_module("flash_attn.cute"):
+            found.append("flash_attn_cute")
+        major, _ = torch.cuda.get_device_capability(device)
+        if major >= 8 and _has_module("torch.nn.attention.varlen"):
+            found.append("torch_varlen")
+    found.append("sdpa_ref")
+    return found
+
+
+def select_backend(device: torch.device | str, override: str | None = None) -> str:
+    """Pick the packed-attention backend for `device` ("auto" / None = the first available), make it active, and
+    log the choice once."""
+    global _active
+    options = available_backends(device)
+    if override not in (None, "auto"):
+        if override not in BACKENDS:
+            raise ValueError(f"attn_backend={override!r}: expected 'auto' or one of {BACKENDS}")
+        if override not in options:
+            raise ValueError(f"attn_backend={override!r} is not available on {device} (available: {options})")
+        choice = override
+    else:
+        choice = options[0]
+    _active = choice
+    if choice not in _logged:
+        _log.info("packed attention backend: %s (available on %s: %s)", choice, device, ", ".join(options))
+        _logged.add(choice)
+    return choice
+
+
+def active_backend() -> str:
+    return _active
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backends: q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D]
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def _sdpa_ref(q, k, v, seq_lens, scaling, sliding_window):
+    """Causal SDPA over each document separately; host-side lengths, one loop per layer over S documents."""
+    out = torch.zeros_like(q)
+    n_rep = q.shape[1] // k.shape[1]
+    start = 0
+    for n in seq_lens:
+        end = start + n
+        qs = q[start:end].transpose(0, 1)  # (Hq, n, D)
+        ks = _repeat_kv(k[start:end], n_rep).transpose(0, 1)
+        vs = _repeat_kv(v[start:end], n_rep).transpose(0, 1)
+        if sliding_window is not None and sliding_window < n:
+            i = torch.arange(n, device=q.device)
+            allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < sliding_window)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scaling)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling)
+        out[start:end] = o.transpose(0, 1)
+        start = end
+    return out
+
+
+def _torch_varlen(q, k, v, cu, max_len, scaling, sliding_window):
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {"scale": scaling}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
+    else:
+        k, v = _repeat_kv(k, q.shape[1] // k.shape[1]), _repeat_kv(v, q.shape[1] // v.shape[1])
+    # causality is `is_causal=True` in some PyTorch releases and window_size=(-1, 0) in others
+    left = -1 if sliding_window is None else sliding_window - 1
+    if "is_causal" in params:
+        kwargs["is_causal"] = True
+        if sliding_window is not None:
+            if "window_size" not in params:
+                raise NotImplementedError("torch varlen_attn of this PyTorch has no sliding window")
+            kwargs["window_size"] = (left, 0)
+    elif "window_size" in params:
+        kwargs["window_size"] = (left, 0)
+    else:
+        raise NotImplementedError("torch varlen_attn of this PyTorch takes neither is_causal nor window_size")
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def _flash_attn(q, k, v, cu, max_len, scaling, sliding_window, softcap):
+    from flash_attn import flash_attn_varlen_func
+
+    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scaling, causal=True,
+                                  window_size=window, softcap=softcap or 0.0)
+
+
+def _flash_attn_cute(q, k, v, cu, max_len, scaling, sliding_window):
+    from flash_attn.cute import flash_attn_varlen_func
+
+    if sliding_window is not None:
+        raise NotImplementedError("flash_attn_cute backend: sliding window not wired up")
+    out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, softmax_scale=scaling, causal=True)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def packed_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+):
+    """transformers attention function: varlen attention when packing kwargs are present, SDPA otherwise."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      sliding_window=sliding_window, softcap=softcap, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"packed attention expects one packed row, got batch size {query.shape[0]}")
+    if dropout and module.training:
+        raise NotImplementedError("attention dropout is not supported in packed mode")
+    # (1, H, T, D) -> (T, H, D)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    max_len = int(kwargs["max_length_q"])
+    backend = _active
+    if softcap and backend != "flash_attn":
+        raise NotImplementedError(f"attention logit softcapping needs the flash_attn backend, not {backend}")
+    if backend == "sdpa_ref":
+        out = _sdpa_ref(q, k, v, kwargs["seq_lens_host"], scaling, sliding_window)
+    elif backend == "torch_varlen":
+        out = _torch_varlen(q, k, v, cu, max_len, scaling, sliding_window)
+    elif backend == "flash_attn":
+        out = _flash_attn(q, k, v, cu, max_len, scaling, sliding_window, softcap)
+    else:
+        out = _flash_attn_cute(q, k, v, cu, max_len, scaling, sliding_window)
+    total = kwargs.get("total_tokens")
+    if total is not None and total < out.shape[0]:
+        out = torch.cat([out[:total], out.new_zeros(out.shape[0] - total, *out.shape[1:])])
+    return out.unsqueeze(0), None  # (1, T, H, D)
+
+
+AttentionInterface.register(IMPLEMENTATION, packed_attention_forward)
+# Rollouts (padded batches with a KV cache) still need the ordinary padding mask: reuse transformers' SDPA mask.
+ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
