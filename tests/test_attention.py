@@ -1,0 +1,126 @@
+"""Packed (varlen) forward and backward equal the per-sequence unpadded model, for several architectures with GQA."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, GemmaConfig, LlamaConfig, Qwen2Config, Qwen3Config
+
+from exgrpo_fast.data.packing import pack_sequences
+from exgrpo_fast.model import attention
+from exgrpo_fast.model.forward import packed_hidden, packed_logits
+
+COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
+    "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
+    # sliding-window layers (window 5, shorter than the sequences) alternate with full ones
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=5, final_logit_softcapping=None,
+                                       attn_logit_softcapping=None, layer_types=["sliding_attention",
+                                                                                 "full_attention"]),
+}
+
+
+def build(name, backend="sdpa_ref", device="cpu"):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation=attention.IMPLEMENTATION)
+    attention.select_backend(device, backend)
+    return model.to(device).float()
+
+
+def sequences(lengths, vocab=97):
+    out = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,)).tolist()
+        mask = [i >= n // 3 for i in range(n)]
+        out.append((ids, mask))
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_packed_equals_unpadded_forward_and_backward(name):
+    model = build(name)
+    seqs = sequences([9, 1, 14, 6])
+    (batch,) = pack_sequences(seqs, 64)
+    packed = packed_logits(model, batch)
+    grads_packed = torch.autograd.grad(packed.square().mean() * 0 + packed.sum(), list(model.parameters()),
+                                       allow_unused=True)
+    want, total = [], 0
+    for ids, _ in seqs:
+        logits = model(torch.tensor([ids])).logits[0]
+        if getattr(model.config, "final_logit_softcapping", None):
+            pytest.fail("test configs must not softcap")
+        want.append(logits)
+        total = total + logits.sum()
+    grads_ref = torch.autograd.grad(total, list(model.parameters()), allow_unused=True)
+    # packed rows follow batch.sample_index order
+    order = batch.sample_index.tolist()
+    want_packed = torch.cat([want[i] for i in order])
+    assert (packed - want_packed).abs().max().item() < 1e-4
+    for (pname, _), a, b in zip(model.named_parameters(), grads_packed, grads_ref):
+        if a is None or b is None:
+            assert a is None and b is None, pname
+            continue
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), f"{pname}: {(a - b).abs().max().item():.3e}"
+
+
+def test_packed_hidden_selects_loss_positions():
+    model = build("llama")
+    seqs = sequences([7, 5])
+    (batch,) = pack_sequences(seqs, 64)
+    hidden = packed_hidden(model, batch)
+    assert hidden.shape == (batch.loss_positions.numel(), model.config.hidden_size)
+    logits = model.get_output_embeddings()(hidden)
+    assert torch.allclose(logits, packed_logits(model, batch)[batch.loss_positions], atol=1e-6)
+
+
+def test_tokens_beyond_cu_seqlens_get_zero_output():
+    """A buffer longer than cu_seqlens[-1] must not produce NaN or garbage that could reach the gradients."""
+    q = torch.randn(1, 4, 10, 16, requires_grad=True)
+    k = torch.randn(1, 2, 10, 16, requires_grad=True)
+    v = torch.randn(1, 2, 10, 16, requires_grad=True)
+    attention.select_backend("cpu", "sdpa_ref")
+    out, _ = attention.packed_attention_forward(
+        torch.nn.Module(), q, k, v, None, scaling=0.25, cu_seq_lens_q=torch.tensor([0, 3, 7], dtype=torch.int32),
+        max_length_q=4, seq_lens_host=(3, 4), total_tokens=7,
+    )
+    assert out.shape == (1, 10, 4, 16)
+    assert torch.count_nonzero(out[0, 7:]) == 0
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.count_nonzero(q.grad[0, :, 7:]) == 0
+
+
+def test_unpacked_path_keeps_padding_mask():
+    """Without packing kwargs the registered implementation must behave like SDPA with the padding mask (rollouts)."""
+    model = build("llama")
+    ids = torch.randint(0, 97, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    got = model(ids, attention_mask=mask, position_ids=pos).logits
+    alone = model(ids[:1, 2:]).logits
+    assert torch.allclose(got[0, 2:], alone[0], atol=1e-5)
+
+
+def test_select_backend_errors():
+    with pytest.raises(ValueError, match="attn_backend='nope'"):
+        attention.select_backend("cpu", "nope")
+    with pytest.raises(ValueError, match="not available on cpu"):
+        attention.select_backend("cpu", "torch_varlen")
+    assert attention.select_backend("cpu", "auto") == "sdpa_ref"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash_attn", "flash_attn_cute", "torch_varlen"])
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_cuda_backends_match_reference(backend, name):
+    if backend not in attention.available_backends("cuda"):
+        pytest.skip(f"{backend} not installed")
+    seqs = sequences([100, 7, 300, 1, 64])
+    (batch,) = pack_sequences(seqs, 1024)
+    batch = batch.to("cuda")
+    ref_model = build(name, "sdpa_ref", "cuda").bfloat16()
+    want = packed_logits(ref_model, batch).float()
+    attention.select_backend("cuda", backend)
+    got = packed_logits(ref_model, batch).float()
+    assert (got - want).abs().max().item() < 5e-2 * want.abs().max().item()
