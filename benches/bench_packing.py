@@ -1,0 +1,105 @@
+"""Packed (varlen) vs padded forward+backward throughput on skewed sequence lengths, per attention backend.
+
+Both providers see the same sequences and the same random-weight model; tokens/s counts real (non-pad) tokens only.
+The padded provider is the ordinary transformers batch (right padding + attention mask, SDPA); the packed one is
+one row with cu_seqlens through each available varlen backend. Logits are checked equal before timing.
+
+    python benches/bench_packing.py            # GPU: the ~0.5B preset in bf16, 64 sequences, lognormal lengths
+    python benches/bench_packing.py --smoke    # CPU: the tiny preset, a few short sequences
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benches._common import env_facts, peak_extra_bytes, time_ms, write_csv  # noqa: E402
+from exgrpo_fast.data.packing import pack_sequences  # noqa: E402
+from exgrpo_fast.model import attention  # noqa: E402
+from exgrpo_fast.model.forward import packed_hidden_states  # noqa: E402
+from exgrpo_fast.model.tiny import build_tiny_tokenizer, tiny_config  # noqa: E402
+
+
+def skewed_lengths(n: int, mean_log: float, sigma: float, max_len: int, seed: int) -> list[int]:
+    torch.manual_seed(seed)
+    lengths = torch.distributions.LogNormal(mean_log, sigma).sample((n,)).clamp(8, max_len).long()
+    return lengths.tolist()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny CPU-sized run")
+    p.add_argument("--preset", default=None, help="model preset (default: gpu-0.5b on GPU, tiny otherwise)")
+    p.add_argument("--num-seqs", type=int, default=None)
+    p.add_argument("--max-len", type=int, default=2048)
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    preset = args.preset or ("gpu-0.5b" if device.type == "cuda" else "tiny")
+    n = args.num_seqs or (64 if device.type == "cuda" else 8)
+    mean_log, max_len = (6.0, args.max_len) if device.type == "cuda" else (3.5, 96)
+    torch.manual_seed(0)
+    tok = build_tiny_tokenizer()
+    config = tiny_config(preset, len(tok), tok)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention.IMPLEMENTATION).to(device, dtype)
+    lengths = skewed_lengths(n, mean_log, 1.0, max_len, seed=0)
+    seqs = [torch.randint(0, len(tok), (k,)).tolist() for k in lengths]
+    real_tokens = sum(lengths)
+    (batch,) = pack_sequences([(s, [True] * len(s)) for s in seqs], token_budget=real_tokens)
+    batch = batch.to(device)
+
+    # padded batch (right padding), the same sequences
+    L = max(lengths)
+    ids = torch.zeros(n, L, dtype=torch.long)
+    mask = torch.zeros(n, L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+
+    def padded_step():
+        out = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        (out * mask[..., None]).float().square().mean().backward()
+
+    def packed_step():
+        out = packed_hidden_states(model, batch)
+        out.float().square().mean().backward()
+
+    # equal outputs before timing
+    with torch.no_grad():
+        padded_out = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = torch.cat([padded_out[i, : len(s)] for i, s in enumerate(seqs)]).float()
+    facts = env_facts(device)
+    rows = []
+    t_pad = time_ms(padded_step, device, warmup=1 if args.smoke else 3, rep=3 if args.smoke else 10)
+    mem_pad = peak_extra_bytes(padded_step, device)
+    print(f"device {facts['device']} | preset {preset} | {n} seqs, {real_tokens} real tokens, padded to {n}x{L}"
+          f" ({n * L} slots, {100 * real_tokens / (n * L):.0f}% useful)")
+    print(f"{'provider':<22}{'ms':>10}{'tokens/s':>14}{'vs padded':>11}{'peak MB':>10}{'max |diff|':>12}")
+    print(f"{'padded (sdpa)':<22}{t_pad:>10.2f}{real_tokens / t_pad * 1e3:>14.0f}{1.0:>11.2f}"
+          f"{(mem_pad or 0) / 2**20:>10.0f}{'-':>12}")
+    rows.append({"provider": "padded-sdpa", "ms": t_pad, "tokens_per_s": real_tokens / t_pad * 1e3, "speedup": 1.0})
+    for backend in attention.available_backends(device):
+        attention.select_backend(device, backend)
+        with torch.no_grad():
+            diff = (packed_hidden_states(model, batch).float() - want).abs().max().item()
+        t = time_ms(packed_step, device, warmup=1 if args.smoke else 3, rep=3 if args.smoke else 10)
+        mem = peak_extra_bytes(packed_step, device)
+        print(f"{'packed ' + backend:<22}{t:>10.2f}{real_tokens / t * 1e3:>14.0f}{t_pad / t:>11.2f}"
+              f"{(mem or 0) / 2**20:>10.0f}{diff:>12.2e}")
+        rows.append({"provider": f"packed-{backend}", "ms": t, "tokens_per_s": real_tokens / t * 1e3,
+                     "speedup": t_pad / t, "max_abs_diff": diff})
+    for r in rows:
+        r.update(facts, preset=preset, dtype=str(dtype).removeprefix("torch."), num_seqs=n, real_tokens=real_tokens,
+                 padded_slots=n * L)
+    print("wrote", write_csv("packing", rows))
+
+
+if __name__ == "__main__":
+    main()
