@@ -1,0 +1,124 @@
+"""Rewards of an ExGRPO rollout: answer extraction and checking, probe scoring, the Dialogue Structure Utility bonus.
+
+    total = task_weight * r_task + probe_weight * mean_k r_k + dsu_weight * DSU + format_weight * r_format
+
+r_task: the first response's answer matches the gold answer. r_k: the k-th checkable probe's answer matches its
+reference (a missing response counts wrong). DSU pays for coherence across the dialogue, only when the final answer
+is right: "product" (default) r_task * mean_k r_k, or "all": 1 when the answer and every probe are right. With no
+checkable probe there is no dialogue structure to reward and DSU is 0. r_format: fraction of responses with a
+parseable answer. Every term is returned separately so the trainer logs each.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+
+from exgrpo_fast.data.tasks import checkable_probes
+
+_ANSWER = re.compile(r"\banswer\b\s*(?:is\b)?\s*[:=]?\s*([^\n<]*)", re.IGNORECASE)
+_HASHES = re.compile(r"####\s*([^\n<]*)")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+_YESNO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+def _clean(text: str) -> str | None:
+    text = text.strip().strip("*").strip()
+    text = re.sub(r"[.\s]+$", "", text)
+    return text or None
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The answer in a response: after the last "Answer:" marker, else after "####", else the last number, else the
+    last yes/no. None when there is none."""
+    if not text:
+        return None
+    for pattern in (_ANSWER, _HASHES):
+        found = pattern.findall(text)
+        if found and _clean(found[-1]):
+            return _clean(found[-1])
+    numbers = _NUMBER.findall(text)
+    if numbers:
+        return numbers[-1]
+    words = _YESNO.findall(text)
+    return words[-1].lower() if words else None
+
+
+def _as_number(text: str) -> Fraction | None:
+    t = text.strip().lstrip("$").replace(",", "").rstrip("%")
+    m = _NUMBER.fullmatch(t)
+    if not m:
+        # an answer like "5 apples": a single leading number counts
+        lead = re.match(r"(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)\s+[A-Za-z]+$", t)
+        if not lead:
+            return None
+        t = lead.group(1).replace(",", "")
+    try:
+        return Fraction(t)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def answers_match(pred: str | None, gold: str | None) -> bool:
+    """Numeric comparison (1,000 == 1000, 5.0 == 5, 1/2 == 0.5) when both parse, else normalised text."""
+    if pred is None or gold is None:
+        return False
+    a, b = _as_number(pred), _as_number(gold)
+    if a is not None and b is not None:
+        return abs(a - b) <= Fraction(1, 10**6) * max(1, abs(b))
+    norm = lambda s: re.sub(r"\s+", " ", s.strip().lower().rstrip("."))  # noqa: E731
+    return norm(pred) == norm(gold)
+
+
+@dataclass
+class RewardConfig:
+    """Weights of the reward terms."""
+
+    task_weight: float = 1.0
+    """Weight of task correctness (the first response's answer)."""
+    probe_weight: float = 0.5
+    """Weight of the mean correctness over the checkable probes."""
+    dsu_weight: float = 0.5
+    """Weight of the Dialogue Structure Utility bonus."""
+    format_weight: float = 0.0
+    """Weight of the fraction of responses with a parseable answer."""
+    dsu_mode: str = "product"
+    """"product": r_task * mean probe correctness; "all": 1 only when the answer and every probe are right."""
+
+    def __post_init__(self) -> None:
+        for name in ("task_weight", "probe_weight", "dsu_weight", "format_weight"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v != v or v < 0:
+                raise ValueError(f"RewardConfig.{name}={v!r}: expected a number >= 0")
+        if self.dsu_mode not in ("product", "all"):
+            raise ValueError(f"RewardConfig.dsu_mode={self.dsu_mode!r}: expected 'product' or 'all'")
+
+
+def score_dialogue(problem: dict, responses: list[str], cfg: RewardConfig | None = None) -> dict:
+    """Reward terms of one dialogue. responses[0] answers the question, responses[1:] the checkable probes in
+    rollout order. Returns total, task, probe, dsu, format and per-kind probe correctness ("probe_<kind>")."""
+    cfg = cfg or RewardConfig()
+    if not responses:
+        raise ValueError("responses is empty: a dialogue needs at least the answer to the question")
+    probes = checkable_probes(problem)
+    task = float(answers_match(extract_answer(responses[0]), str(problem["answer"])))
+    probe_right = []
+    per_kind: dict[str, list[float]] = {}
+    for k, p in enumerate(probes):
+        reply = responses[k + 1] if k + 1 < len(responses) else None
+        ok = float(answers_match(extract_answer(reply), str(p["answer"])))
+        probe_right.append(ok)
+        per_kind.setdefault(p["kind"], []).append(ok)
+    probe = sum(probe_right) / len(probe_right) if probe_right else 0.0
+    if not probe_right:
+        dsu = 0.0
+    elif cfg.dsu_mode == "product":
+        dsu = task * probe
+    else:
+        dsu = float(task == 1.0 and all(probe_right))
+    fmt = sum(extract_answer(r) is not None for r in responses) / len(responses)
+    total = cfg.task_weight * task + cfg.probe_weight * probe + cfg.dsu_weight * dsu + cfg.format_weight * fmt
+    out = {"total": total, "task": task, "probe": probe, "dsu": dsu, "format": fmt}
+    out.update({f"probe_{kind}": sum(v) / len(v) for kind, v in per_kind.items()})
+    return out
