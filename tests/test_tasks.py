@@ -1,0 +1,81 @@
+"""The built-in task and its symbolic teacher: probes checked by recomputation, determinism, disjoint splits."""
+
+import json
+
+import pytest
+
+from exgrpo_fast.data.tasks import (
+    PROBE_KINDS,
+    ArithConfig,
+    builtin_dataset,
+    checkable_probes,
+    make_problems,
+    recompute_probe_answer,
+    rollout_user_turns,
+    run_chain,
+    sft_dialogue,
+)
+
+
+@pytest.mark.parametrize("split", ["train", "test_id", "test_ood"])
+def test_every_answer_recomputes_from_meta(split):
+    for p in make_problems(split, 200, seed=3):
+        meta = json.loads(p["meta"])
+        values = run_chain(meta["start"], meta["ops"])
+        assert p["answer"] == str(values[-1]) and all(v >= 0 for v in values)
+        # the rationale's equations are true arithmetic
+        for eq in p["rationale"].rstrip(".").split(". "):
+            lhs, rhs = eq.split("=")
+            assert eval(lhs) == int(rhs), eq  # noqa: S307 - digits and +/- only
+        assert len(p["probes"]) == len(meta["probes"])
+        for i, probe in enumerate(p["probes"]):
+            assert probe["kind"] in PROBE_KINDS
+            assert probe["answer"] == recompute_probe_answer(meta, i), (p["question"], probe)
+
+
+def test_all_kinds_occur_and_verify_has_both_answers():
+    problems = make_problems("train", 300, seed=0)
+    kinds = [q["kind"] for p in problems for q in p["probes"]]
+    assert set(kinds) == set(PROBE_KINDS)
+    verify = {q["answer"] for p in problems for q in p["probes"] if q["kind"] == "verify"}
+    assert verify == {"yes", "no"}
+
+
+def test_deterministic_under_seed():
+    assert make_problems("train", 50, seed=7) == make_problems("train", 50, seed=7)
+    assert make_problems("train", 50, seed=7) != make_problems("train", 50, seed=8)
+
+
+def test_splits_disjoint_and_ood_harder():
+    key = lambda p: json.dumps({k: v for k, v in json.loads(p["meta"]).items() if k != "probes"})  # noqa: E731
+    train = {key(p) for p in make_problems("train", 2000, seed=0)}
+    test_id = [key(p) for p in make_problems("test_id", 200, seed=0)]
+    assert not train & set(test_id)
+    ood = [json.loads(p["meta"]) for p in make_problems("test_ood", 200, seed=0)]
+    idd = [json.loads(p["meta"]) for p in make_problems("test_id", 200, seed=0)]
+    assert min(len(m["ops"]) for m in ood) > max(len(m["ops"]) for m in idd)
+    assert max(max(n for _, n in m["ops"]) for m in ood) > ArithConfig().id_max_operand
+
+
+def test_dialogues():
+    p = make_problems("train", 1, seed=0)[0]
+    turns = sft_dialogue(p)
+    assert [t["role"] for t in turns] == ["user", "assistant"] * (1 + len(p["probes"]))
+    assert turns[1]["content"].endswith(f"Answer: {p['answer']}")
+    assert turns[-1]["content"].startswith("Because")  # explain is in the SFT dialogue...
+    users = rollout_user_turns(p)
+    assert users[0] == p["question"] and len(users) == 1 + len(checkable_probes(p))  # ...not in rollouts
+    assert "Why?" not in users
+    assert rollout_user_turns(p, include_probes=False) == [p["question"]]
+
+
+def test_dataset_dict_and_config_validation():
+    ds = builtin_dataset(20, 5, seed=0)
+    assert set(ds) == {"train", "test_id", "test_ood"} and len(ds["train"]) == 20 and len(ds["test_ood"]) == 5
+    assert ds["train"][0]["probes"][0]["kind"] in PROBE_KINDS
+    with pytest.raises(ValueError, match="num_probes"):
+        ArithConfig(num_probes=9)
+    with pytest.raises(ValueError, match="id_steps"):
+        ArithConfig(id_steps=(3, 1))
+    with pytest.raises(ValueError, match="split"):
+        make_problems("dev", 3, seed=0)
