@@ -41,7 +41,8 @@ class LossConfig:
     delta: float | None = None
     """Upper bound on r in the unclipped term only, -A min(r, delta) (two-sided clipping as in TRL). None = off."""
     kl_estimator: str = "k3"
-    """Estimator of KL(pi || ref) and KL(pi || teacher) from d = logp - other: k1 d, k2 d^2/2, k3 exp(-d)+d-1, abs |d|."""
+    """Estimator of KL(pi || ref) and KL(pi || teacher) from d = logp - other:
+    k1 d, k2 d^2/2, k3 exp(-d)+d-1, abs |d|."""
     kl_beta: float = 0.0
     """Weight of the KL penalty to the reference policy (needs ref_logp when > 0)."""
     teacher_beta: float = 0.0

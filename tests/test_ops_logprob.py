@@ -151,7 +151,8 @@ def fused(fn, logits, labels, old, adv, seq_ids, mask, ref, teacher, cfg, temper
     return loss.detach(), {k: v.detach() for k, v in stats.items()}, x.grad
 
 
-@pytest.mark.parametrize("cfg", FUSED_CONFIGS, ids=lambda c: f"{c.loss_type}-{c.ratio_level}-{c.loss_agg}-{c.kl_estimator}")
+@pytest.mark.parametrize("cfg", FUSED_CONFIGS,
+                         ids=lambda c: f"{c.loss_type}-{c.ratio_level}-{c.loss_agg}-{c.kl_estimator}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_policy_loss_matches_reference(cfg, dtype):
     batch = make_batch(23, 301, 5, dtype)

@@ -130,7 +130,8 @@ def test_group_advantages_by_hand():
     g = torch.tensor([0, 0, 0, 1, 2, 2])
     adv = R.group_advantages(r, g, eps=0.0)
     std0 = math.sqrt(((1 / 3) ** 2 * 2 + (2 / 3) ** 2) / 2)
-    want = [(1 - 2 / 3) / std0, (0 - 2 / 3) / std0, (1 - 2 / 3) / std0, 0.0, -1.5 / math.sqrt(4.5), 1.5 / math.sqrt(4.5)]
+    want = [(1 - 2 / 3) / std0, (0 - 2 / 3) / std0, (1 - 2 / 3) / std0, 0.0,
+            -1.5 / math.sqrt(4.5), 1.5 / math.sqrt(4.5)]
     assert adv.tolist() == pytest.approx(want, rel=1e-6)
     assert R.group_advantages(r, g, scale="none").tolist() == pytest.approx([1 / 3, -2 / 3, 1 / 3, 0, -1.5, 1.5])
     batch_std = torch.std(r).item()
