@@ -43,19 +43,18 @@ def test_packed_equals_unpadded_forward_and_backward(name):
     model = build(name)
     seqs = sequences([9, 1, 14, 6])
     (batch,) = pack_sequences(seqs, 64)
+    assert not getattr(model.config, "final_logit_softcapping", None), "test configs must not softcap"
     packed = packed_logits(model, batch)
-    grads_packed = torch.autograd.grad(packed.square().mean() * 0 + packed.sum(), list(model.parameters()),
-                                       allow_unused=True)
-    want, total = [], 0
-    for ids, _ in seqs:
-        logits = model(torch.tensor([ids])).logits[0]
-        if getattr(model.config, "final_logit_softcapping", None):
-            pytest.fail("test configs must not softcap")
-        want.append(logits)
-        total = total + logits.sum()
-    grads_ref = torch.autograd.grad(total, list(model.parameters()), allow_unused=True)
+    upstream = torch.randn_like(packed)  # a random upstream gradient, so every logit's grad path is checked
+    grads_packed = torch.autograd.grad((packed * upstream).sum(), list(model.parameters()), allow_unused=True)
     # packed rows follow batch.sample_index order
     order = batch.sample_index.tolist()
+    want, total = {}, 0
+    for j, i in enumerate(order):
+        start, end = batch.cu_seqlens[j].item(), batch.cu_seqlens[j + 1].item()
+        want[i] = model(torch.tensor([seqs[i][0]])).logits[0]
+        total = total + (want[i] * upstream[start:end]).sum()
+    grads_ref = torch.autograd.grad(total, list(model.parameters()), allow_unused=True)
     want_packed = torch.cat([want[i] for i in order])
     assert (packed - want_packed).abs().max().item() < 1e-4
     for (pname, _), a, b in zip(model.named_parameters(), grads_packed, grads_ref):
@@ -73,6 +72,27 @@ def test_packed_hidden_selects_loss_positions():
     assert hidden.shape == (batch.loss_positions.numel(), model.config.hidden_size)
     logits = model.get_output_embeddings()(hidden)
     assert torch.allclose(logits, packed_logits(model, batch)[batch.loss_positions], atol=1e-6)
+
+
+def test_packed_hidden_gradients_match_unpadded():
+    """The train path: hidden at loss positions -> LM head -> loss, grads equal the per-sequence model's."""
+    model = build("qwen3")
+    seqs = sequences([11, 4, 8])
+    (batch,) = pack_sequences(seqs, 64)
+    head = model.get_output_embeddings()
+    logp = torch.log_softmax(head(packed_hidden(model, batch)), -1)
+    loss = -logp.gather(1, batch.loss_labels[:, None]).sum()
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    ref = 0
+    for ids, mask in seqs:
+        logp_ref = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1], -1)
+        keep = torch.tensor(mask[1:])
+        ref = ref - logp_ref[keep].gather(1, torch.tensor(ids[1:])[keep][:, None]).sum()
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    grads_ref = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    for (pname, _), a, b in zip(model.named_parameters(), grads, grads_ref):
+        if a is not None and b is not None:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), f"{pname}: {(a - b).abs().max().item():.3e}"
 
 
 def test_tokens_beyond_cu_seqlens_get_zero_output():
@@ -108,19 +128,40 @@ def test_select_backend_errors():
     with pytest.raises(ValueError, match="not available on cpu"):
         attention.select_backend("cpu", "torch_varlen")
     assert attention.select_backend("cpu", "auto") == "sdpa_ref"
+    assert attention.select_backend("cpu", None, dtype=torch.float32) == "sdpa_ref"
+    assert attention.active_backend() == "sdpa_ref"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["flash_attn", "flash_attn_cute", "torch_varlen"])
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3"])
 def test_cuda_backends_match_reference(backend, name):
+    """Each CUDA varlen backend against the per-document SDPA reference on the same GPU, bf16, forward and backward
+    (hidden states at the loss positions with a random upstream gradient, as the train step uses them)."""
     if backend not in attention.available_backends("cuda"):
         pytest.skip(f"{backend} not installed")
+    if backend == "flash_attn_cute" and name == "gemma3":
+        pytest.skip("flash_attn_cute backend: sliding window not wired up")
     seqs = sequences([100, 7, 300, 1, 64])
     (batch,) = pack_sequences(seqs, 1024)
     batch = batch.to("cuda")
-    ref_model = build(name, "sdpa_ref", "cuda").bfloat16()
-    want = packed_logits(ref_model, batch).float()
-    attention.select_backend("cuda", backend)
-    got = packed_logits(ref_model, batch).float()
+    model = build(name, "sdpa_ref", "cuda").bfloat16()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(backend_name):
+        attention.select_backend("cuda", backend_name)
+        hidden = packed_hidden(model, batch)
+        upstream = torch.randn(hidden.shape, generator=torch.Generator("cuda").manual_seed(1), device="cuda",
+                               dtype=hidden.dtype)
+        grads = torch.autograd.grad((hidden * upstream).float().sum(), params, allow_unused=True)
+        return hidden.float(), grads
+
+    want, want_grads = run("sdpa_ref")
+    got, got_grads = run(backend)
+    assert torch.isfinite(got).all()
     assert (got - want).abs().max().item() < 5e-2 * want.abs().max().item()
+    for (pname, _), a, b in zip(model.named_parameters(), got_grads, want_grads):
+        if a is None or b is None:
+            continue
+        rel = (a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)
+        assert rel.item() < 3e-2, f"{backend} {pname}: relative grad error {rel.item():.3e}"

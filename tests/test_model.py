@@ -1,5 +1,4 @@
-"""Local checkpoints: the built-in student round-trips bit-exactly; bad paths and mismatches fail clearly; dialogue
-masks cover exactly the assistant's tokens."""
+"""Local checkpoints: the built-in student round-trips bit-exactly; bad paths and mismatches fail clearly."""
 
 import json
 import shutil
@@ -9,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from exgrpo_fast.data.dialogue import encode_dialogue, encode_prompt, end_of_turn_ids
 from exgrpo_fast.model.loading import lm_head, load_model
 from exgrpo_fast.model.tiny import TINY_PRESETS, build_tiny_tokenizer, create_tiny_checkpoint
 
@@ -86,35 +84,8 @@ def test_presets_and_tokenizer():
     assert {"tiny", "small", "gpu-0.5b"} <= set(TINY_PRESETS)
 
 
-def test_dialogue_mask_matches_hand_built():
-    tok = build_tiny_tokenizer()
-    turns = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"},
-             {"role": "user", "content": "why"}, {"role": "assistant", "content": "2+3=5"}]
-    ids, mask = encode_dialogue(tok, turns)
-    pieces = [("<|user|>", False), ("2+3?", False), ("<|end|>", False), ("<|assistant|>", False), ("5", True),
-              ("<|end|>", True), ("<|user|>", False), ("why", False), ("<|end|>", False), ("<|assistant|>", False),
-              ("2+3=5", True), ("<|end|>", True)]
-    want_ids, want_mask = [], []
-    for text, on in pieces:
-        t = tok.convert_tokens_to_ids(text) if text.startswith("<|") else tok(text, add_special_tokens=False)[
-            "input_ids"]
-        t = [t] if isinstance(t, int) else t
-        want_ids += t
-        want_mask += [on] * len(t)
-    assert ids == want_ids and mask == want_mask
-    assert encode_prompt(tok, turns[:1]) == want_ids[:7]  # <|user|> 2+3? <|end|> <|assistant|>
-    assert tok.convert_tokens_to_ids("<|end|>") in end_of_turn_ids(tok)
-
-
-def test_dialogue_prefix_property_violation_is_reported():
-    tok = build_tiny_tokenizer()
-    # a template that drops earlier assistant turns (as some reasoning templates do) breaks the prefix property
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' or loop.last %}"
-                         "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endif %}{% endfor %}"
-                         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
-    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
-    with pytest.raises(ValueError, match="prefix property"):
-        encode_dialogue(tok, turns)
-    with pytest.raises(ValueError, match="turn 0"):
-        encode_dialogue(tok, [{"role": "bot", "content": "x"}])
+def test_backend_bound_per_model(ckpt):
+    model, _ = load_model(ckpt, attn_backend="sdpa_ref")
+    assert all(m._packed_attn_backend == "sdpa_ref" for m in model.modules())
+    with pytest.raises(ValueError, match="not available on cpu"):
+        load_model(ckpt, attn_backend="flash_attn")

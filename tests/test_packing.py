@@ -68,3 +68,23 @@ def test_to_device_keeps_host_fields():
     (b,) = pack_sequences([([1, 2, 3], [False, True, True])], 10)
     moved = b.to("cpu")
     assert moved.max_seqlen == 3 and moved.seq_lens == (3,) and torch.equal(moved.loss_labels, b.loss_labels)
+
+
+def test_ffd_bound_and_exact_fit():
+    rng = random.Random(1)
+    for _ in range(20):
+        budget = rng.randrange(16, 200)
+        lengths = [rng.randrange(1, budget + 1) for _ in range(rng.randrange(1, 80))]
+        bins = first_fit_decreasing(lengths, budget)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in b) <= budget for b in bins)
+        # any first-fit packing leaves at most one bin at most half full
+        assert len(bins) <= 2 * sum(lengths) / budget + 1
+        # first fit: when an item opened a new bin, none of the earlier bins had room for it
+        for k, b in enumerate(bins):
+            first = b[0]
+            for earlier in bins[:k]:
+                placed_before = [i for i in earlier if (-lengths[i], i) < (-lengths[first], first)]
+                assert sum(lengths[i] for i in placed_before) + lengths[first] > budget
+    (b,) = pack_sequences([([1] * 6, [True] * 6), ([2] * 4, [True] * 4)], 10)  # exactly the budget: one batch
+    assert b.num_tokens == 10 and b.sample_index.tolist() == [0, 1] and b.cu_seqlens.tolist() == [0, 6, 10]

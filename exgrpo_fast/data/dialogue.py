@@ -2,10 +2,11 @@
 
 Turns are `[{"role": "user" | "assistant", "content": str}, ...]`. The tokenizer's chat template renders them; the
 ids of each assistant turn are found by rendering the dialogue incrementally (prefix up to the generation prompt,
-then up to the end of the turn) and tokenizing both: everything past the prefix is the assistant's, its
-end-of-turn token included. A template that breaks this prefix property (for example one that rewrites earlier
-turns) is reported instead of producing a wrong mask. Tokenizers without a chat template use the built-in format
-`<|role|>content<|end|>` when those tokens exist, else plain `role: content\\n` lines.
+then up to the end of the turn) and tokenizing both: what lies past the prefix, up to and including its last
+end-of-turn token, is the assistant's (template text after that token, such as chatml's newline, is not).
+A template that breaks this prefix property (for example one that rewrites earlier turns) is reported instead of
+producing a wrong mask. Tokenizers without a chat template use the built-in format `<|role|>content<|end|>` when
+those tokens exist, else plain `role: content\\n` lines.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def encode_prompt(tokenizer, turns: list[dict]) -> list[int]:
 def encode_dialogue(tokenizer, turns: list[dict]) -> tuple[list[int], list[bool]]:
     """(input_ids, loss_mask) of a whole dialogue; loss_mask is True on assistant-produced tokens only."""
     _check_turns(turns)
+    stops = set(end_of_turn_ids(tokenizer))
     ids: list[int] = []
     mask: list[bool] = []
     for i, turn in enumerate(turns):
@@ -59,7 +61,11 @@ def encode_dialogue(tokenizer, turns: list[dict]) -> tuple[list[int], list[bool]
                 "broken), so the student's tokens cannot be located; use a template that keeps earlier turns as-is"
             )
         mask.extend([False] * (len(prefix) - len(ids)))
-        mask.extend([True] * (len(full) - len(prefix)))
+        # Tokens the template appends after the end-of-turn token (chatml's "\n" after <|im_end|>) are not the
+        # student's: sampling stops at end-of-turn, so they are never generated and must not be trained on.
+        span = full[len(prefix):]
+        last_end = max((j for j, t in enumerate(span) if t in stops), default=len(span) - 1)
+        mask.extend([True] * (last_end + 1) + [False] * (len(span) - last_end - 1))
         ids = full
     rest = _ids(tokenizer, _render(tokenizer, turns, add_generation_prompt=False))
     if rest[: len(ids)] != ids:

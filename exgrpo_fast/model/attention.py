@@ -11,6 +11,9 @@ Backends, in order of preference when "auto":
     torch_varlen     torch.nn.attention.varlen.varlen_attn (PyTorch >= 2.10, CUDA SM80+)
     sdpa_ref         reference: causal SDPA per document (any device; the CPU default)
 
+load_model pins the chosen backend to each model (bind_backend); models built otherwise use the process-wide
+choice of select_backend.
+
 Without packing kwargs (rollouts: left-padded batches with a KV cache) the same registered implementation falls
 through to transformers' SDPA path with its ordinary padding mask.
 
@@ -20,6 +23,7 @@ heads are repeated only where the backend lacks native GQA.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import logging
@@ -61,16 +65,24 @@ def available_backends(device: torch.device | str) -> list[str]:
     return found
 
 
-def select_backend(device: torch.device | str, override: str | None = None) -> str:
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def select_backend(device: torch.device | str, override: str | None = None, *, dtype: torch.dtype | None = None) -> str:
     """Pick the packed-attention backend for `device` ("auto" / None = the first available), make it active, and
-    log the choice once."""
+    log the choice once. With `dtype` given, "auto" skips the CUDA kernels that need fp16/bf16 when it is fp32, and
+    an explicit choice that cannot run it is an error."""
     global _active
     options = available_backends(device)
+    if dtype is not None and dtype not in _HALF:
+        options = [b for b in options if b == "sdpa_ref"] if override in (None, "auto") else options
     if override not in (None, "auto"):
         if override not in BACKENDS:
             raise ValueError(f"attn_backend={override!r}: expected 'auto' or one of {BACKENDS}")
         if override not in options:
             raise ValueError(f"attn_backend={override!r} is not available on {device} (available: {options})")
+        if dtype is not None and dtype not in _HALF and override != "sdpa_ref":
+            raise ValueError(f"attn_backend={override!r} needs float16 or bfloat16 weights, got {dtype}")
         choice = override
     else:
         choice = options[0]
@@ -83,6 +95,15 @@ def select_backend(device: torch.device | str, override: str | None = None) -> s
 
 def active_backend() -> str:
     return _active
+
+
+def bind_backend(model: torch.nn.Module, backend: str) -> None:
+    """Pin `backend` to this model's attention layers, so models loaded with different backends or dtypes (policy in
+    bf16, a teacher in fp32) keep their own; unbound modules use the process-wide choice of select_backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    for m in model.modules():
+        m._packed_attn_backend = backend
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,10 +135,17 @@ def _sdpa_ref(q, k, v, seq_lens, scaling, sliding_window):
     return out
 
 
+@functools.cache
+def _varlen_attn_params() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)  # once, not per layer call
+
+
 def _torch_varlen(q, k, v, cu, max_len, scaling, sliding_window):
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _varlen_attn_params()
     kwargs = {"scale": scaling}
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
@@ -179,7 +207,7 @@ def packed_attention_forward(
     # (1, H, T, D) -> (T, H, D)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
     max_len = int(kwargs["max_length_q"])
-    backend = _active
+    backend = getattr(module, "_packed_attn_backend", None) or _active
     if softcap and backend != "flash_attn":
         raise NotImplementedError(f"attention logit softcapping needs the flash_attn backend, not {backend}")
     if backend == "sdpa_ref":

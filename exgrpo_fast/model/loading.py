@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from exgrpo_fast.model.attention import IMPLEMENTATION, select_backend
+from exgrpo_fast.model.attention import IMPLEMENTATION, bind_backend, select_backend
 
 
 def _check_checkpoint_dir(path: Path) -> None:
@@ -40,10 +40,11 @@ def load_model(
     path = Path(path)
     _check_checkpoint_dir(path)
     tokenizer = load_tokenizer(path)
-    select_backend(device, attn_backend)
+    backend = select_backend(device, attn_backend, dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation=IMPLEMENTATION
     ).to(device)
+    bind_backend(model, backend)
     n_embed = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embed:
         raise ValueError(

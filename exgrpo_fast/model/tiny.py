@@ -19,12 +19,12 @@ CHAT_TEMPLATE = (
 )
 
 TINY_PRESETS: dict[str, dict] = {
-    # ~0.9M parameters: learns the built-in ID arithmetic in a few minutes on 2 CPU cores.
+    # ~0.8M parameters: learns the built-in ID arithmetic in a few minutes on 2 CPU cores.
     "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
-    # ~11M parameters: a stronger CPU student, or a quick GPU one.
-    "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
-                  num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True),
+    # ~25M parameters: a stronger CPU student, or a quick GPU one.
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True),
     # ~0.5B parameters (20 layers of 1536 with GQA 12/4): the GPU preset and the packing benchmark model.
     "gpu-0.5b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=20, num_attention_heads=12,
                      num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False),
