@@ -15,11 +15,13 @@ Gradient: for GSPO every masked token of s shares r_s and A_s, so pg is the same
 dL/dlogp_t = w_s * dpg/dr * r_s (the n_s tokens each contribute 1/n_s of d lr_s / d logp_t); no extra pass needed.
 
 Passes (all deterministic: no float atomics; partials are combined in a fixed order):
-    1. _seq_stats_kernel, grid (S,): masked count n_s and summed log-ratio of sequence s (scans T in blocks).
-    2. a few [S]-sized torch ops on device: L, N, max_len, w_s (no host sync).
+    1. _seq_stats_kernel, grid (S,): masked count n_s and mean log-ratio of sequence s (scans T in blocks).
+    2. _seq_weights_kernel, grid (1,): N, L, the largest n_s, and w_s for every sequence.
     3. _token_kernel, grid (cdiv(T, BLOCK),): per-token loss terms and g_t; per-block partial sums of the loss and
-       stats, summed afterwards by torch in a fixed order.
-Bytes: pass 1 reads S*T*(seq_id + mask) from L2; pass 3 reads ~5 T floats and writes T floats.
+       stats.
+    4. _finalize_kernel, grid (1,): folds the per-block partials into the loss and stats in a fixed order.
+Bytes: pass 1 reads S*T*(seq_id + mask) (L2-resident; negligible next to the O(T*V) log-prob pass); pass 3 reads
+~5 T floats + T ids + T mask bytes and writes T fp32 (g) + 7 floats per block; passes 2 and 4 touch O(S + T/BLOCK).
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from exgrpo_fast.reference import LOG_RATIO_CLAMP, LossConfig
+from exgrpo_fast.reference import LOG_RATIO_CLAMP, STAT_NAMES, LossConfig
 
-_LOSS_TYPES = {"ppo": 0, "cispo": 1}
 _KL = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 _AGG = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
 _NUM_PARTIALS = 7  # loss, low clips, high clips, ratio sum, ratio max, kl_ref sum, kl_teacher sum
@@ -64,7 +65,7 @@ def _seq_stats_kernel(
     seq_ids_ptr,
     mask_ptr,
     count_ptr,
-    log_ratio_sum_ptr,
+    seq_log_ratio_ptr,
     # sizes
     T,
     # constants
@@ -83,8 +84,51 @@ def _seq_stats_kernel(
         old = tl.load(old_ptr + idx, mask=sel, other=0.0).to(tl.float32)
         count += sel.to(tl.float32)
         total += tl.where(sel, lp - old, 0.0)
-    tl.store(count_ptr + s, tl.sum(count, 0))
-    tl.store(log_ratio_sum_ptr + s, tl.sum(total, 0))
+    n = tl.sum(count, 0)
+    tl.store(count_ptr + s, n)
+    tl.store(seq_log_ratio_ptr + s, tl.sum(total, 0) / tl.maximum(n, 1.0))
+
+
+@triton.jit
+def _seq_weights_kernel(
+    # pointers
+    count_ptr,  # [S] masked tokens per sequence
+    weight_ptr,  # [S] out: aggregation weight w_s
+    # sizes
+    S,
+    # scalars
+    max_len,  # normaliser of seq-mean-token-sum-norm; <= 0 means the largest count in the batch
+    # constants
+    AGG: tl.constexpr,  # 0 token-mean, 1 seq-mean-token-mean, 2 seq-mean-token-sum, 3 seq-mean-token-sum-norm
+    BLOCK: tl.constexpr,
+):
+    """One program: N, L and the largest count over the [S] counts, then w_s for every sequence."""
+    offs = tl.arange(0, BLOCK)
+    total = tl.zeros((BLOCK,), tl.float32)
+    live = tl.zeros((BLOCK,), tl.float32)
+    longest = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, S, BLOCK):
+        idx = start + offs
+        n = tl.load(count_ptr + idx, mask=idx < S, other=0.0)
+        total += n
+        live += (n > 0).to(tl.float32)
+        longest = tl.maximum(longest, n)
+    num_tokens = tl.maximum(tl.sum(total, 0), 1.0)
+    num_live = tl.maximum(tl.sum(live, 0), 1.0)
+    if max_len <= 0.0:
+        max_len = tl.maximum(tl.max(longest, 0), 1.0)
+    for start in range(0, S, BLOCK):
+        idx = start + offs
+        n = tl.load(count_ptr + idx, mask=idx < S, other=0.0)
+        if AGG == 0:
+            w = tl.full((BLOCK,), 1.0, tl.float32) / num_tokens
+        elif AGG == 1:
+            w = 1.0 / (tl.maximum(n, 1.0) * num_live)
+        elif AGG == 2:
+            w = tl.full((BLOCK,), 1.0, tl.float32) / num_live
+        else:
+            w = tl.full((BLOCK,), 1.0, tl.float32) / (num_live * max_len)
+        tl.store(weight_ptr + idx, w, mask=idx < S)
 
 
 @triton.jit
@@ -162,8 +206,9 @@ def _token_kernel(
         l2 = -adv * clipped
         pg = tl.maximum(l1, l2)
         # torch.maximum sends half the gradient to each side on a tie
-        d_ratio = tl.where(l1 > l2, -adv * d_unclipped, tl.where(l1 < l2, -adv * d_clipped,
-                                                                    -0.5 * adv * (d_unclipped + d_clipped)))
+        d_ratio = tl.where(
+            l1 > l2, -adv * d_unclipped, tl.where(l1 < l2, -adv * d_clipped, -0.5 * adv * (d_unclipped + d_clipped))
+        )
         if DUAL_CLIP:
             cap = -adv * dual_clip_c
             capped = (adv < 0) & (cap < pg)
@@ -200,6 +245,41 @@ def _token_kernel(
     tl.store(partials_ptr + 6 * num_blocks + pid, tl.sum(tl.where(m, kl_teacher, 0.0), 0))
 
 
+@triton.jit
+def _finalize_kernel(
+    # pointers
+    partials_ptr,  # [NUM_PARTIALS, num_blocks] from _token_kernel
+    count_ptr,  # [S] masked tokens per sequence
+    out_ptr,  # [NUM_PARTIALS]: loss, then the stats in STAT_NAMES order
+    # sizes
+    num_blocks,
+    S,
+    # constants
+    BLOCK: tl.constexpr,
+):
+    offs = tl.arange(0, BLOCK)
+    n = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, S, BLOCK):
+        idx = start + offs
+        n += tl.load(count_ptr + idx, mask=idx < S, other=0.0)
+    denom = tl.maximum(tl.sum(n, 0), 1.0)
+    for row in tl.static_range(7):
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, num_blocks, BLOCK):
+            idx = start + offs
+            x = tl.load(partials_ptr + row * num_blocks + idx, mask=idx < num_blocks, other=0.0)
+            if row == 4:
+                acc = tl.maximum(acc, x)  # ratios are > 0, so 0 is a neutral start
+            else:
+                acc += x
+        if row == 0:
+            tl.store(out_ptr + row, tl.sum(acc, 0))
+        elif row == 4:
+            tl.store(out_ptr + row, tl.max(acc, 0))
+        else:
+            tl.store(out_ptr + row, tl.sum(acc, 0) / denom)
+
+
 def _blocks(device: torch.device) -> tuple[int, int]:
     """(BLOCK for the token pass, BLOCK for the per-sequence scan)."""
     return (1024, 2048) if device.type == "cuda" else (64, 256)
@@ -224,26 +304,15 @@ def loss_head(
     logp, old_logp, seq_ids, mask = logp.contiguous(), old_logp.contiguous(), seq_ids.contiguous(), mask.contiguous()
     advantages = advantages.contiguous()
 
-    # ---- pass 1: per-sequence masked counts and log-ratio sums
+    # ---- pass 1: per-sequence masked counts and mean log-ratios
     count = torch.empty(S, dtype=torch.float32, device=device)
-    log_ratio_sum = torch.empty(S, dtype=torch.float32, device=device)
-    _seq_stats_kernel[(S,)](logp, old_logp, seq_ids, mask, count, log_ratio_sum, T, BLOCK=scan_block)
+    seq_log_ratio = torch.empty(S, dtype=torch.float32, device=device)
+    _seq_stats_kernel[(S,)](logp, old_logp, seq_ids, mask, count, seq_log_ratio, T, BLOCK=scan_block)
 
-    # ---- pass 2: aggregation weights on device (no host sync)
-    num_tokens = count.sum()
-    num_live = (count > 0).sum().to(torch.float32).clamp_min(1.0)
-    agg = cfg.loss_agg
-    if agg == "token-mean":
-        weight = (1.0 / num_tokens.clamp_min(1.0)).expand(S)
-    elif agg == "seq-mean-token-mean":
-        weight = 1.0 / (count.clamp_min(1.0) * num_live)
-    elif agg == "seq-mean-token-sum":
-        weight = (1.0 / num_live).expand(S)
-    else:
-        max_len = float(cfg.max_len) if cfg.max_len is not None else count.max().clamp_min(1.0)
-        weight = (1.0 / (num_live * max_len)).expand(S)
-    weight = weight.contiguous()
-    seq_log_ratio = log_ratio_sum / count.clamp_min(1.0)
+    # ---- pass 2: aggregation weights w_s (one program; no host sync)
+    weight = torch.empty(S, dtype=torch.float32, device=device)
+    max_len = float(cfg.max_len) if cfg.max_len is not None else 0.0
+    _seq_weights_kernel[(1,)](count, weight, S, max_len, AGG=_AGG[cfg.loss_agg], BLOCK=scan_block)
 
     # ---- pass 3: per-token loss, gradient and partial sums
     num_blocks = triton.cdiv(T, block)
@@ -265,17 +334,11 @@ def loss_head(
         HAS_REF=ref_logp is not None, HAS_TEACHER=teacher_logp is not None,
         KL_ESTIMATOR=_KL[cfg.kl_estimator], CLAMP=LOG_RATIO_CLAMP, BLOCK=block,
     )  # fmt: skip
-    sums = partials.sum(dim=1)
-    denom = num_tokens.clamp_min(1.0)
-    stats = {
-        "clip_frac_low": sums[1] / denom,
-        "clip_frac_high": sums[2] / denom,
-        "ratio_mean": sums[3] / denom,
-        "ratio_max": partials[4].max(),
-        "kl_ref": sums[5] / denom,
-        "kl_teacher": sums[6] / denom,
-    }
-    return sums[0], grad, stats
+    # ---- pass 4: one program folds the block partials into the loss and stats, in a fixed order
+    out = torch.empty(_NUM_PARTIALS, dtype=torch.float32, device=device)
+    _finalize_kernel[(1,)](partials, count, out, num_blocks, S, BLOCK=scan_block)
+    stats = dict(zip(STAT_NAMES, out[1:].unbind(0)))
+    return out[0], grad, stats
 
 
 # ----------------------------------------------------------------------------------------------------------------
