@@ -386,6 +386,59 @@ def fused_policy_loss(
 # linear (LM head) path  (csrc_triton/linear_logprob.py)
 
 
+class _LinearLogprobs(torch.autograd.Function):
+    """logp (and entropy) of labels under the LM head, without ever holding [T, V] logits; the backward recomputes
+    the logit tiles from the saved fp32 log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature: float, return_entropy: bool):
+        from csrc_triton import linear_logprob
+
+        logp, lse, entropy = linear_logprob.linear_logprob_forward(
+            hidden, weight, bias, labels, temperature, return_entropy
+        )
+        ctx.temperature = temperature
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        if return_entropy:
+            return logp, entropy
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        from csrc_triton import linear_logprob
+
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dh, dw, db = linear_logprob.linear_logprob_backward(
+            hidden, weight, bias, labels, lse, grad_logp, ctx.temperature,
+            grad_entropy=grad_entropy, entropy=entropy, need_hidden=need_hidden, need_weight=need_weight or need_bias,
+        )  # fmt: skip
+        return dh, dw if need_weight else None, db if need_bias else None, None, None, None
+
+
+def _check_linear_inputs(hidden, weight, labels, bias) -> None:
+    _check_tensor("hidden", hidden, ndim=2)
+    _check_float("hidden", hidden)
+    _check_tensor("weight", weight, ndim=2, device=hidden.device)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight is {weight.dtype} but hidden is {hidden.dtype}: they must match")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight has H={weight.shape[1]} columns but hidden has H={hidden.shape[1]}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has V=0 rows")
+    if bias is not None:
+        _check_tensor("bias", bias, ndim=1, device=hidden.device)
+        _check_len("bias", bias, weight.shape[0], "V (weight.shape[0])")
+    _check_tensor("labels", labels, ndim=1, device=hidden.device)
+    _check_index("labels", labels)
+    _check_len("labels", labels, hidden.shape[0], "T (hidden.shape[0])")
+    if hidden.shape[0] == 0:
+        raise ValueError("hidden is empty: the batch has no tokens")
+    _check_range("labels", labels, weight.shape[0], "V")
+
+
 def token_logprobs_linear(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -395,11 +448,27 @@ def token_logprobs_linear(
     temperature: float = 1.0,
     return_entropy: bool = False,
 ):
-    """No-grad log-probs of labels under the LM head, without materialising [T, V] logits."""
-    with torch.no_grad():
+    """logp[T] fp32 (and entropy[T]) of labels under logits = hidden @ weight^T (+ bias), without materialising
+    [T, V]. Under no_grad (old, reference and teacher log-probs) nothing is saved; when hidden, weight or bias
+    require grad it is differentiable (the SFT stage's cross-entropy)."""
+    _check_linear_inputs(hidden, weight, labels, bias)
+    temperature = _check_temperature(temperature)
+    if backend_for(hidden.device) == "reference":
         return reference.token_logprobs_linear(
             hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy
         )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if not needs_grad:
+        from csrc_triton import linear_logprob
+
+        logp, _, entropy = linear_logprob.linear_logprob_forward(
+            hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, temperature,
+            return_entropy,
+        )
+        return (logp, entropy) if return_entropy else logp
+    return _LinearLogprobs.apply(hidden, weight, bias, labels, temperature, return_entropy)
 
 
 def fused_linear_policy_loss(
@@ -417,18 +486,19 @@ def fused_linear_policy_loss(
     temperature: float = 1.0,
     cfg: LossConfig | None = None,
 ):
-    """(loss, stats) from hidden[T, H] and the LM head weight[V, H]; grads w.r.t. hidden, weight, bias."""
-    return reference.fused_linear_policy_loss(
-        hidden,
-        weight,
-        labels,
-        old_logp,
-        advantages,
-        seq_ids,
-        mask,
-        bias=bias,
-        ref_logp=ref_logp,
-        teacher_logp=teacher_logp,
-        temperature=temperature,
-        cfg=cfg,
+    """(loss, stats) from hidden[T, H] and the LM head weight[V, H] (+ bias[V]); grads for hidden, weight and bias.
+    The logits never exist in memory: the loss head gives g = dL/dlogp and the backward recomputes logit tiles."""
+    _check_linear_inputs(hidden, weight, labels, bias)
+    temperature = _check_temperature(temperature)
+    cfg = _check_token_inputs(
+        "hidden", hidden.shape[0], hidden.device, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg
     )
+    if backend_for(hidden.device) == "reference":
+        return reference.fused_linear_policy_loss(
+            hidden, weight, labels, old_logp, advantages, seq_ids, mask,
+            bias=bias, ref_logp=ref_logp, teacher_logp=teacher_logp, temperature=temperature, cfg=cfg,
+        )  # fmt: skip
+    logp, entropy = _LinearLogprobs.apply(hidden, weight, bias, labels, temperature, True)
+    loss, stats = _policy_loss(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg)
+    stats["entropy"] = reference.masked_mean(entropy.detach(), mask)
+    return loss, stats
