@@ -11,36 +11,45 @@ parseable answer. Every term is returned separately so the trainer logs each.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
 
 from exgrpo_fast.data.tasks import checkable_probes
 
-_ANSWER = re.compile(r"\banswer\b\s*(?:is\b)?\s*[:=]?\s*([^\n<]*)", re.IGNORECASE)
-_HASHES = re.compile(r"####\s*([^\n<]*)")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+_ANSWER = re.compile(r"\banswer[ \t]*:[ \t]*([^\n<]*)", re.IGNORECASE)  # "Answer: X" (our format)
+_ANSWER_IS = re.compile(r"\banswer[ \t]+is[ \t]*:?[ \t]*([^\n<]*)", re.IGNORECASE)  # "the answer is X"
+_HASHES = re.compile(r"####[ \t]*([^\n<]*)")  # GSM8K
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")  # LaTeX
+_NUMBER = re.compile(r"(?:(?<!\w)-)?\d[\d,]*(?:\.\d+)?(?:/\d+)?")  # "7-2": 7 and 2, not -2
 _YESNO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
 def _clean(text: str) -> str | None:
-    text = text.strip().strip("*").strip()
+    """The answer part of what follows a marker: up to the end of its sentence, markdown and dots stripped; a
+    leading yes/no is the whole answer ("Yes, it is right" -> "yes")."""
+    text = re.split(r"[.!?;]\s", text.strip(), maxsplit=1)[0]  # "5. Because 3+2=5" -> "5" (but "1.5" stays)
+    text = text.strip().strip("*`$").strip()
     text = re.sub(r"[.\s]+$", "", text)
+    m = re.match(r"(yes|no)\b", text, re.IGNORECASE)
+    if m:
+        return m.group(1).lower()
     return text or None
 
 
 def extract_answer(text: str | None) -> str | None:
-    """The answer in a response: after the last "Answer:" marker, else after "####", else the last number, else the
-    last yes/no. None when there is none."""
+    """The answer in a response: after the last "Answer:" marker, else after "####", else in the last \\boxed{},
+    else after "the answer is", else the last number, else the last yes/no. None when there is none."""
     if not text:
         return None
-    for pattern in (_ANSWER, _HASHES):
-        found = pattern.findall(text)
-        if found and _clean(found[-1]):
-            return _clean(found[-1])
+    for pattern in (_ANSWER, _HASHES, _BOXED, _ANSWER_IS):
+        found = [c for c in map(_clean, pattern.findall(text)) if c]
+        if found:
+            return found[-1]
     numbers = _NUMBER.findall(text)
     if numbers:
-        return numbers[-1]
+        return numbers[-1].rstrip(",")
     words = _YESNO.findall(text)
     return words[-1].lower() if words else None
 
@@ -89,8 +98,8 @@ class RewardConfig:
     def __post_init__(self) -> None:
         for name in ("task_weight", "probe_weight", "dsu_weight", "format_weight"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or v != v or v < 0:
-                raise ValueError(f"RewardConfig.{name}={v!r}: expected a number >= 0")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"RewardConfig.{name}={v!r}: expected a finite number >= 0")
         if self.dsu_mode not in ("product", "all"):
             raise ValueError(f"RewardConfig.dsu_mode={self.dsu_mode!r}: expected 'product' or 'all'")
 

@@ -19,7 +19,11 @@ PROBLEM = {
     "text, want",
     [("3+4=7. 7-2=5. Answer: 5", "5"), ("Answer: 5.", "5"), ("the answer is 12", "12"), ("blah #### 1,000", "1,000"),
      ("3+4=7 so 7", "7"), ("Answer: no", "no"), ("I think yes", "yes"), ("", None), ("no digits here", "no"),
-     ("nothing", None), ("Answer: 3\nAnswer: 4", "4"), ("I answered 3", "3")],
+     ("nothing", None), ("Answer: 3\nAnswer: 4", "4"), ("I answered 3", "3"),
+     ("Answer: 5. Because 3+2=5.", "5"), ("Answer: 1.5", "1.5"), ("Answer: Yes, it is right.", "yes"),
+     ("Answer: **42**", "42"), ("so \\boxed{17}.", "17"), ("it is 7-2", "2"), ("Answer: 3<|im_end|>", "3"),
+     ("Answer: 7. So the answer is clear", "7"), ("Answer:\nthen 9", "9"), ("1,000, then 2,500,", "2,500"),
+     ("-4 degrees", "-4"), ("the answer is Paris.", "Paris")],
 )
 def test_extract_answer(text, want):
     assert extract_answer(text) == want
@@ -71,7 +75,35 @@ def test_problem_without_probes():
 
 
 @pytest.mark.parametrize("kwargs, field", [({"task_weight": -1}, "task_weight"), ({"dsu_mode": "max"}, "dsu_mode"),
-                                           ({"probe_weight": float("nan")}, "probe_weight")])
+                                           ({"probe_weight": float("nan")}, "probe_weight"),
+                                           ({"format_weight": float("inf")}, "format_weight"),
+                                           ({"dsu_weight": "1"}, "dsu_weight")])
 def test_reward_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
         RewardConfig(**kwargs)
+
+
+@pytest.mark.parametrize("split", ["train", "test_ood"])
+def test_teacher_dialogues_score_full_marks(split):
+    """The symbolic teacher's own replies (sft_dialogue, in rollout_user_turns order) are all right; shifting every
+    numeric answer by one makes the checkable numeric ones wrong."""
+    from exgrpo_fast.data.tasks import make_problems, rollout_user_turns, sft_dialogue
+
+    for p in make_problems(split, 100, seed=1):
+        turns = sft_dialogue(p)
+        by_question = {turns[i]["content"]: turns[i + 1]["content"] for i in range(0, len(turns), 2)}
+        replies = [by_question[q] for q in rollout_user_turns(p)]
+        r = score_dialogue(p, replies)
+        assert (r["task"], r["probe"], r["dsu"], r["format"]) == (1.0, 1.0, 1.0, 1.0), (p, replies)
+        assert all(r[f"probe_{q['kind']}"] == 1.0 for q in p["probes"] if q["kind"] != "explain")
+        assert "probe_explain" not in r
+        wrong = score_dialogue(p, [f"Answer: {int(p['answer']) + 1}"] + replies[1:])
+        assert (wrong["task"], wrong["dsu"]) == (0.0, 0.0)
+
+
+def test_dsu_all_mode_and_extra_responses():
+    right = ["Answer: 5", "Answer: 7", "Answer: no"]
+    assert score_dialogue(PROBLEM, right, RewardConfig(dsu_mode="all"))["dsu"] == 1.0
+    assert score_dialogue(PROBLEM, right + ["Answer: 3"])["total"] == 2.0  # replies past the probes are ignored
+    r = score_dialogue({**PROBLEM, "answer": "1000"}, ["Answer: 1,000.", "7", "No, it is not"])
+    assert (r["task"], r["probe"]) == (1.0, 1.0)

@@ -115,45 +115,10 @@ def _chain_key(name: str, item: str, start: int, ops: list[list]) -> int:
 
 
 def write_probes(rng: random.Random, meta: dict, cfg: ArithConfig) -> list[dict]:
-    """The symbolic teacher: exact probes for the chain in meta (probe parameters are recorded in meta)."""
-    name, item, start, ops = meta["name"], meta["item"], meta["start"], meta["ops"]
-    values = run_chain(start, ops)
-    final = values[-1]
-    kinds = rng.sample(list(cfg.probe_kinds), cfg.num_probes)
-    probes, params = [], []
-    for kind in kinds:
-        if kind == "inverse":
-            q = f"{_question(name, item, None, ops)} Now {PRONOUNS[name].lower()} has {final}. How many at first?"
-            probes.append({"kind": kind, "question": q, "answer": str(start)})
-            params.append({"kind": kind})
-        elif kind == "counterfactual":
-            new_start = start + rng.choice([-1, 1]) * rng.randint(1, 3)
-            low = max(0, -min(run_chain(0, ops)))  # smallest start that never goes below zero
-            new_start = max(new_start, low + 1)
-            if new_start == start:
-                new_start += 1
-            q = f"If {PRONOUNS[name].lower()} had {new_start} at first, how many now?"
-            probes.append({"kind": kind, "question": q, "answer": str(run_chain(new_start, ops)[-1])})
-            params.append({"kind": kind, "start": new_start})
-        elif kind == "step":
-            k = rng.randint(1, len(ops))
-            q = f"How many after step {k}?"
-            probes.append({"kind": kind, "question": q, "answer": str(values[k])})
-            params.append({"kind": kind, "step": k})
-        else:  # verify
-            right = rng.random() < 0.5
-            candidate = final if right else final + rng.choice([-1, 1]) * rng.randint(1, 3)
-            if candidate < 0:
-                candidate = final + rng.randint(1, 3)
-            q = f"Is {candidate} right?"
-            probes.append({"kind": kind, "question": q, "answer": "yes" if candidate == final else "no"})
-            params.append({"kind": kind, "candidate": candidate})
-    if cfg.include_explain:
-        steps = " and ".join(f"{values[i]}{op}{n}={values[i + 1]}" for i, (op, n) in enumerate(ops))
-        probes.append({"kind": "explain", "question": "Why?", "answer": f"Because {steps}."})
-        params.append({"kind": "explain"})
-    meta["probes"] = params
-    return probes
+    """The symbolic teacher's probes for the chain in meta (see exgrpo_fast.data.probes.write_symbolic_probes)."""
+    from exgrpo_fast.data.probes import write_symbolic_probes  # lazy: probes imports this module
+
+    return write_symbolic_probes(rng, meta, cfg)
 
 
 def recompute_probe_answer(meta: dict, index: int) -> str:
