@@ -1,0 +1,83 @@
+"""Config: defaults, validation naming the field, TOML < CLI precedence, presets, --help, mapping to LossConfig."""
+
+import dataclasses
+
+import pytest
+
+from exgrpo_fast import config as C
+
+
+def test_defaults_validate_and_map_to_loss_config():
+    cfg = C.preset_cpu_default().validate()
+    loss = cfg.loss_config()
+    assert loss.clip_high == cfg.loss.clip_high and loss.loss_agg == cfg.loss.loss_agg
+    names = [n for n, *_ in C.iter_fields()]
+    assert "grpo.group_size" in names and "loss.kl_beta" in names and "seed" in names
+    assert all(doc for _, _, _, doc in C.iter_fields()), "every field needs a docstring"
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--grpo.group_size", "1"], "grpo.group_size"),
+        (["--rollout.top_p", "0"], "rollout.top_p"),
+        (["--loss.clip_low", "1.5"], "loss.clip_low"),
+        (["--loss.loss_type", "foo"], "loss.loss_type"),
+        (["--model.dtype", "int8"], "model.dtype"),
+        (["--sft.lr", "-1"], "sft.lr"),
+        (["--grpo.adv_scale", "x"], "grpo.adv_scale"),
+        (["--log.eval_n", "1000"], "log.eval_n"),
+        (["--loss.teacher_beta", "0.1"], "loss.teacher_beta"),
+        (["--grpo.steps", "2.5"], "grpo.steps"),
+        (["--grpo.use_probes", "maybe"], "grpo.use_probes"),
+    ],
+)
+def test_validation_names_the_field(flags, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        C.parse_args(flags)
+
+
+def test_toml_then_cli_override(tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text("seed = 3\n[grpo]\nsteps = 7\ngroup_size = 4\n[loss]\ndual_clip_c = 3.0\n[rollout]\ntop_p = 0.9\n")
+    cfg, _ = C.parse_args(["--config", str(path), "--grpo.steps", "9", "--loss.dual_clip_c", "none"])
+    assert cfg.seed == 3 and cfg.grpo.group_size == 4 and cfg.rollout.top_p == 0.9
+    assert cfg.grpo.steps == 9  # CLI beats TOML
+    assert cfg.loss.dual_clip_c is None
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[grpo]\nnot_a_field = 1\n")
+    with pytest.raises(ValueError, match="grpo.not_a_field"):
+        C.parse_args(["--config", str(bad)])
+
+
+def test_toml_dump_roundtrip(tmp_path):
+    cfg = C.preset_gpu()
+    path = tmp_path / "dump.toml"
+    path.write_text(C.to_toml(cfg))
+    back, _ = C.parse_args(["--config", str(path)])
+    assert dataclasses.asdict(back) == dataclasses.asdict(cfg)
+
+
+def test_presets():
+    cfg, _ = C.parse_args(["--preset", "grpo-no-probes"])
+    assert cfg.grpo.use_probes is False and cfg.reward.probe_weight == 0 and cfg.reward.dsu_weight == 0
+    cfg, _ = C.parse_args(["--preset", "gpu", "--grpo.steps", "5"])
+    assert cfg.model.preset == "gpu-0.5b" and cfg.grpo.steps == 5
+    with pytest.raises(ValueError, match="preset"):
+        C.parse_args(["--preset", "nope"])
+
+
+def test_shipped_toml_configs_parse():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.toml")):
+        C.parse_args(["--config", str(path)])
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit):
+        C.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name, _, _, _doc in C.iter_fields():
+        assert f"--{name}" in text
+    assert "Rollouts per problem" in text

@@ -1,0 +1,193 @@
+"""Trainer: a seconds-long run of both stages, exact resume, non-finite loss skipped, HF-loadable checkpoints, plots."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from exgrpo_fast import config as C
+from exgrpo_fast import train as T
+
+
+@pytest.fixture(scope="module", autouse=True)
+def teacher(tmp_path_factory):
+    """A differently initialised tiny model as the teacher: its KL term keeps GRPO losses and grads nonzero even
+    when every reward of a barely trained student is equal (advantages 0)."""
+    from exgrpo_fast.model.tiny import create_tiny_checkpoint
+
+    global TEACHER
+    TEACHER = str(create_tiny_checkpoint(tmp_path_factory.mktemp("teacher") / "t", preset="tiny", seed=123))
+    return TEACHER
+
+
+def small_cfg(**overrides) -> C.TrainConfig:
+    cfg = C.preset_test()
+    cfg.log.tensorboard = True
+    cfg.model.teacher_path, cfg.loss.teacher_beta = TEACHER, 0.1
+    cfg.loss.kl_beta = 0.05  # exercises the reference model (the frozen SFT checkpoint)
+    cfg.grpo.updates_per_batch = 2  # exercises old_logp + clipping
+    cfg.rollout.temperature = 1.5  # diverse samples from a barely trained model
+    C.apply_overrides(cfg, overrides)
+    return cfg.validate()
+
+
+def rows(run_dir, stage=None):
+    out = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    return [r for r in out if stage is None or r["stage"] == stage]
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "e2e"
+    summary = T.train(small_cfg(), run_dir=str(run_dir))
+    return run_dir, summary
+
+
+def test_end_to_end_both_stages(e2e_run):
+    run_dir, summary = e2e_run
+    cfg = small_cfg()
+    assert len(rows(run_dir, "sft")) == cfg.sft.steps
+    grpo = rows(run_dir, "grpo")
+    assert len(grpo) == cfg.grpo.steps
+    for key in (
+        "reward",
+        "reward_std",
+        "frac_zero_std",
+        "acc",
+        "probe_acc",
+        "kl_ref",
+        "entropy",
+        "clip_frac_low",
+        "clip_frac_high",
+        "grad_norm",
+        "tok_per_s",
+        "t_rollout",
+        "t_logp",
+        "t_update",
+        "loss",
+    ):
+        assert key in grpo[0], key
+    assert all(r["skipped"] == 0 for r in grpo)
+    tags = [r["tag"] for r in rows(run_dir, "eval")]
+    assert tags == ["untrained", "sft", "final"]
+    assert {"untrained_acc_id", "sft_acc_id", "final_acc_id", "final_acc_ood"} <= set(summary)
+    assert (run_dir / "config.json").is_file() and (run_dir / "config.toml").is_file()
+    assert list((run_dir / "tb").iterdir())
+    # the final checkpoint is a plain HF model dir
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(summary["final_ckpt"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert (Path(summary["final_ckpt"]) / "trainer_state.pt").is_file()
+
+
+def test_plot(e2e_run):
+    from exgrpo_fast.plot import plot_run
+
+    paths = plot_run(e2e_run[0])
+    assert {p.name for p in paths} >= {"sft.png", "grpo.png", "eval.png", "overview.png"}
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def _state(ckpt):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(ckpt) / "model.safetensors"))
+
+
+@pytest.mark.parametrize("stop_after", [2, 4])  # mid-SFT, mid-GRPO (sft.steps = 3)
+def test_resume_is_exact(tmp_path, stop_after):
+    cfg = small_cfg()
+    straight = T.train(cfg, run_dir=str(tmp_path / "straight"))
+    T.train(cfg, run_dir=str(tmp_path / "cut"), stop_after=stop_after)
+    resumed = T.train(
+        C.from_dict(json.loads((tmp_path / "cut" / "config.json").read_text())), resume=str(tmp_path / "cut")
+    )
+    a = {(r["stage"], r["step"]): r for r in rows(tmp_path / "straight") if r["stage"] in ("sft", "grpo")}
+    b = {(r["stage"], r["step"]): r for r in rows(tmp_path / "cut") if r["stage"] in ("sft", "grpo")}
+    assert a.keys() == b.keys()
+    for k, row in a.items():  # every step after the cut equals the uninterrupted run's, on CPU bit for bit
+        for m in ("loss", "grad_norm", "reward", "kl_ref", "entropy"):
+            if m in row:
+                assert row[m] == b[k][m], (k, m, row[m], b[k][m])
+    assert any(a[k]["loss"] != 0 for k in a if k[0] == "grpo")
+    sa, sb = _state(straight["final_ckpt"]), _state(resumed["final_ckpt"])
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_non_finite_loss_is_skipped(tmp_path, monkeypatch):
+    real = T.ops.fused_linear_policy_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 1 else loss), stats
+
+    monkeypatch.setattr(T.ops, "fused_linear_policy_loss", poisoned)
+    cfg = small_cfg()
+    cfg.grpo.updates_per_batch = 1
+    summary = T.train(cfg, run_dir=str(tmp_path / "nan"))
+    grpo = rows(tmp_path / "nan", "grpo")
+    assert grpo[0]["skipped"] == 1 and all(r["skipped"] == 0 for r in grpo[1:])
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(summary["final_ckpt"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_cli_main_runs(tmp_path):
+    summary = T.main(
+        [
+            "--preset",
+            "test",
+            "--sft.steps",
+            "1",
+            "--grpo.steps",
+            "1",
+            "--log.out_dir",
+            str(tmp_path),
+            "--log.run_name",
+            "cli",
+        ]
+    )
+    assert Path(summary["run_dir"]) == tmp_path / "cli"
+
+
+def test_fsdp2_two_processes_gloo(tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo): both stages run sharded and the checkpoint is a full HF model."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "exgrpo_fast.train",
+        "--preset",
+        "test",
+        "--sft.steps",
+        "2",
+        "--grpo.steps",
+        "2",
+        "--log.out_dir",
+        str(tmp_path),
+        "--log.run_name",
+        "fsdp",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(summary["final_ckpt"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(rows(tmp_path / "fsdp", "grpo")) == 2
