@@ -94,6 +94,25 @@ def test_linear_path_equals_logits_path():
     assert all(stats[k].item() == pytest.approx(stats2[k].item(), rel=1e-5, abs=1e-6) for k in stats)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, bias", [(16, True), (48, False), (40, True)])  # 40: H tail masked inside a chunk
+def test_logp_entropy_and_grads_match_reference(dtype, H, bias):
+    hidden, weight, b, labels, *_ = make(37, H, 203, 3, dtype, bias=bias)
+    g_logp, g_ent = torch.randn(37), torch.randn(37)
+
+    def go(fn, upcast):
+        cast = (lambda t: t.float()) if upcast else (lambda t: t)
+        ins = [cast(t).detach().requires_grad_() if t is not None else None for t in (hidden, weight, b)]
+        lp, en = fn(ins[0], ins[1], labels, bias=ins[2], temperature=0.8, return_entropy=True)
+        ((lp * g_logp).sum() + (en * g_ent).sum()).backward()
+        return [lp.detach(), en.detach()] + [t.grad for t in ins if t is not None]
+
+    got, low, truth = go(ops.token_logprobs_linear, False), go(R.token_logprobs_linear, False), go(
+        R.token_logprobs_linear, True)
+    for name, a, lo, tr in zip(("logp", "entropy", "dhidden", "dweight", "dbias"), got, low, truth):
+        assert_close_2x(name, a, lo, tr, dtype)
+
+
 def test_token_logprobs_linear_with_and_without_grad():
     hidden, weight, b, labels, *_ = make(19, 32, 99, 2, torch.float32)
     with torch.no_grad():
