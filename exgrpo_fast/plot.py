@@ -19,6 +19,7 @@ PANELS = {
     "sft": [("loss", ["loss"]), ("grad norm", ["grad_norm"]), ("lr", ["lr"]), ("tokens/s", ["tok_per_s"])],
     "grpo": [
         ("reward", ["reward", "reward_task", "reward_probe", "reward_dsu", "reward_format"]),
+        ("reward, trailing mean of 10 steps", ["reward~10", "acc~10"]),
         ("accuracy (rollouts)", ["acc", "probe_acc"]),
         ("reward std / zero-std groups", ["reward_std", "frac_zero_std"]),
         ("KL", ["kl_ref", "kl_teacher"]),
@@ -29,7 +30,10 @@ PANELS = {
         ("time split (s)", ["t_rollout", "t_logp", "t_update"]),
         ("tokens/s", ["tok_per_s"]),
     ],
-    "eval": [("greedy accuracy", ["acc_id", "acc_ood", "probe_acc_id"])],
+    "eval": [
+        ("greedy accuracy", ["acc_id", "acc_ood", "probe_acc_id", "probe_acc_ood"]),
+        ("greedy reward (held-out)", ["reward_id", "reward_ood"]),
+    ],
 }
 
 
@@ -44,6 +48,11 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def _series(rows: list[dict], stage: str, key: str) -> tuple[list[float], list[float]]:
+    """(x, y) of one metric of a stage; "name~N" is the trailing mean of name over N logged steps."""
+    if "~" in key:
+        name, n = key.split("~")
+        xs, ys = _series(rows, stage, name)
+        return xs, [sum(ys[max(0, i + 1 - int(n)) : i + 1]) / min(i + 1, int(n)) for i in range(len(ys))]
     xs, ys = [], []
     for i, r in enumerate(rows):
         if r.get("stage") != stage or not isinstance(r.get(key), (int, float)):

@@ -90,6 +90,14 @@ def test_plot(e2e_run):
     assert all(p.stat().st_size > 1000 for p in paths)
 
 
+def test_plot_trailing_mean():
+    from exgrpo_fast.plot import _series
+
+    rows = [{"stage": "grpo", "step": i, "reward": r} for i, r in enumerate([1.0, 3.0, 5.0, 9.0])]
+    rows.insert(2, {"stage": "eval", "step": 0, "reward": 100.0})
+    assert _series(rows, "grpo", "reward~2") == ([0, 1, 2, 3], [1.0, 2.0, 4.0, 7.0])
+
+
 def _state(ckpt):
     from safetensors.torch import load_file
 
