@@ -3,8 +3,8 @@
 Every field has a docstring (the string literal under it); `--help` prints them. Precedence, lowest first:
 preset (`--preset`, default "cpu-default") < TOML file (`--config file.toml`, sections named like the dataclass
 sections below) < CLI flags (`--section.field value`, e.g. `--grpo.steps 40 --loss.kl_beta 0.01`).
-Presets are plain functions returning a TrainConfig. Loss options map 1:1 onto exgrpo_fast.ops.LossConfig
-(`TrainConfig.loss_config()`), reward options onto exgrpo_fast.rewards.RewardConfig (`reward_config()`).
+Presets are plain functions returning a TrainConfig. The `loss` section is exgrpo_fast.ops.LossConfig itself and the
+`reward` section exgrpo_fast.rewards.RewardConfig itself: their fields, defaults, docs and checks are the CLI's.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+
+from exgrpo_fast.reference import LossConfig
+from exgrpo_fast.rewards import RewardConfig
 
 # ----------------------------------------------------------------------------------------------------------------
 # sections
@@ -46,9 +49,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    n_train: int = 256
+    n_train: int = 2048
     """Number of built-in training problems (ignored when data.train_path is set)."""
-    n_test: int = 48
+    n_test: int = 200
     """Number of built-in problems in each held-out split (test_id, test_ood)."""
     seed: int = 0
     """Seed of the built-in problem generator."""
@@ -58,11 +61,13 @@ class DataConfig:
     """Explanatory probes per problem (K) written by the teacher when problems carry none."""
     cache_dir: str = ""
     """Where teacher-written probes are cached; "" = <run_dir>/probe_cache."""
+    token_budget: int = 4096
+    """Max tokens per packed micro-batch (SFT, log-prob and policy passes); bounds activation memory."""
 
 
 @dataclass
 class SFTConfig:
-    steps: int = 300
+    steps: int = 150
     """Stage 1 (Explanatory Inversion distillation) optimizer steps; 0 skips SFT."""
     batch_size: int = 32
     """Teacher dialogues per SFT step."""
@@ -74,13 +79,13 @@ class SFTConfig:
 
 @dataclass
 class GRPOConfig:
-    steps: int = 40
+    steps: int = 60
     """Stage 2 (ExGRPO) optimizer steps; 0 skips it."""
-    problems_per_step: int = 8
+    problems_per_step: int = 16
     """Problems (groups, P) sampled per step."""
     group_size: int = 8
     """Rollouts per problem (G)."""
-    lr: float = 5e-4
+    lr: float = 1e-4
     """Peak learning rate of stage 2."""
     warmup_steps: int = 3
     """Linear warmup steps of stage 2."""
@@ -92,51 +97,6 @@ class GRPOConfig:
     """Epsilon added to the std in advantage normalisation."""
     use_probes: bool = True
     """Roll out the probe turns after the answer (False = plain GRPO on the question only)."""
-
-
-@dataclass
-class LossOptions:
-    loss_type: str = "ppo"
-    """"ppo" clipped surrogate or "cispo" (truncated-IS policy gradient)."""
-    ratio_level: str = "token"
-    """Importance ratio per "token" or per "sequence" (GSPO)."""
-    clip_low: float = 0.2
-    """Ratio lower clip 1 - clip_low."""
-    clip_high: float = 0.28
-    """Ratio upper clip 1 + clip_high (DAPO clip-higher)."""
-    dual_clip_c: float | None = None
-    """Dual-clip constant (> 1) for negative advantages; none = off."""
-    delta: float | None = None
-    """Cap on the ratio in the unclipped term (> 1 + clip_high); none = off."""
-    kl_estimator: str = "k3"
-    """KL estimator: k1, k2, k3 or abs."""
-    kl_beta: float = 0.0
-    """Weight of KL(policy || reference = the frozen SFT model); > 0 computes reference log-probs."""
-    teacher_beta: float = 0.0
-    """Weight of KL(policy || teacher) on the student's tokens; > 0 needs model.teacher_path."""
-    loss_agg: str = "token-mean"
-    """token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm."""
-    max_len: int | None = None
-    """Normaliser of seq-mean-token-sum-norm; none = longest sequence in the micro-batch."""
-    temperature: float = 1.0
-    """Temperature of the log-probs in the loss (should equal rollout.temperature)."""
-    token_budget: int = 4096
-    """Max tokens per packed micro-batch (SFT, log-prob and policy passes)."""
-
-
-@dataclass
-class RewardOptions:
-    task_weight: float = 1.0
-    """Weight of final-answer correctness."""
-    probe_weight: float = 0.5
-    """Weight of the mean probe correctness."""
-    dsu_weight: float = 0.5
-    """Weight of the Dialogue Structure Utility bonus (coherence of answer and probes)."""
-    format_weight: float = 0.1
-    """Weight of the format term (fraction of turns with a parseable answer)."""
-    dsu_mode: str = "product"
-    """DSU bonus: "product" = r_task * mean probe correctness; "all" = 1 only when the answer and every probe are
-    right."""
 
 
 @dataclass
@@ -175,9 +135,9 @@ class LogConfig:
     """Run dir name under out_dir; "" = a timestamp."""
     log_every: int = 1
     """Print a log line every this many steps."""
-    eval_n: int = 48
+    eval_n: int = 200
     """Problems per held-out split in the short evals (<= data.n_test)."""
-    eval_every: int = 0
+    eval_every: int = 30
     """Extra greedy eval every this many GRPO steps (0 = only before, after SFT and at the end)."""
     ckpt_every: int = 0
     """Checkpoint every this many steps of each stage (0 = only at the end of each stage)."""
@@ -197,24 +157,17 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    loss: LossOptions = field(default_factory=LossOptions)
-    reward: RewardOptions = field(default_factory=RewardOptions)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-    # ---- derived objects
-    def loss_config(self):
-        from exgrpo_fast.ops import LossConfig
-
-        names = {f.name for f in fields(LossConfig)}
-        return LossConfig(**{k: v for k, v in dataclasses.asdict(self.loss).items() if k in names})
-
-    def reward_config(self):
-        from exgrpo_fast.rewards import RewardConfig
-
-        names = {f.name for f in fields(RewardConfig)}
-        return RewardConfig(**{k: v for k, v in dataclasses.asdict(self.reward).items() if k in names})
+    @property
+    def logprob_temperature(self) -> float:
+        """Temperature of every log-prob of stage 2 (old, policy, reference, teacher): the sampling temperature, so
+        the ratio is taken against the distribution the tokens were drawn from; 1 when sampling is greedy."""
+        return self.rollout.temperature if self.rollout.temperature > 0 else 1.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -250,13 +203,12 @@ def validate(cfg: TrainConfig) -> None:
     if not (cfg.model.device == "auto" or cfg.model.device.split(":")[0] in ("cpu", "cuda")):
         _fail("model.device", cfg.model.device, "expected auto, cpu, cuda or cuda:N")
     for name in ("data.n_train", "data.n_test", "sft.batch_size", "grpo.problems_per_step", "grpo.updates_per_batch",
-                 "rollout.max_new_tokens", "rollout.stop_check_every", "rollout.batch_size", "loss.token_budget",
+                 "rollout.max_new_tokens", "rollout.stop_check_every", "rollout.batch_size", "data.token_budget",
                  "log.log_every"):  # fmt: skip
         positive(name, _get(cfg, name))
     for name in ("data.num_probes", "sft.steps", "sft.warmup_steps", "grpo.steps", "grpo.warmup_steps",
                  "sft.lr", "grpo.lr", "optim.weight_decay", "optim.grad_clip", "log.eval_n", "log.eval_every",
-                 "log.ckpt_every", "rollout.temperature", "loss.kl_beta", "loss.teacher_beta", "grpo.adv_eps",
-                 "reward.task_weight", "reward.probe_weight", "reward.dsu_weight", "reward.format_weight"):  # fmt: skip
+                 "log.ckpt_every", "rollout.temperature", "grpo.adv_eps"):  # fmt: skip
         positive(name, _get(cfg, name), zero_ok=True)
     if cfg.grpo.group_size < 2:
         _fail("grpo.group_size", cfg.grpo.group_size, "expected >= 2 (advantages are relative within a group)")
@@ -270,16 +222,15 @@ def validate(cfg: TrainConfig) -> None:
         _fail("optim.beta2", cfg.optim.beta2, "expected 0 <= beta2 < 1")
     if not 0.0 <= cfg.optim.min_lr_frac <= 1.0:
         _fail("optim.min_lr_frac", cfg.optim.min_lr_frac, "expected in [0, 1]")
-    positive("loss.temperature", cfg.loss.temperature)
     if cfg.log.eval_n > cfg.data.n_test:
         _fail("log.eval_n", cfg.log.eval_n, f"expected <= data.n_test={cfg.data.n_test}")
     if cfg.loss.teacher_beta > 0 and not cfg.model.teacher_path:
         _fail("loss.teacher_beta", cfg.loss.teacher_beta, "> 0 needs model.teacher_path")
-    try:  # the loss options are checked by LossConfig itself; re-raise naming our field
-        cfg.loss_config()
-    except ValueError as e:
-        msg = str(e).replace("LossConfig.", "loss.")
-        raise ValueError(msg) from None
+    for section, cls in (("loss", "LossConfig"), ("reward", "RewardConfig")):
+        try:  # these sections check themselves on construction; rebuild them to run the checks on CLI / TOML values
+            dataclasses.replace(getattr(cfg, section))
+        except ValueError as e:
+            raise ValueError(str(e).replace(f"{cls}: ", f"{section}: ").replace(f"{cls}.", f"{section}.")) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,7 +250,7 @@ def preset_gpu() -> TrainConfig:
     cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr = 400, 64, 3e-4
     cfg.grpo.steps, cfg.grpo.problems_per_step, cfg.grpo.group_size, cfg.grpo.lr = 200, 32, 16, 1e-5
     cfg.rollout.max_new_tokens, cfg.rollout.batch_size = 64, 512
-    cfg.loss.token_budget, cfg.loss.kl_beta = 32768, 0.01
+    cfg.data.token_budget, cfg.loss.kl_beta = 32768, 0.01
     cfg.log.eval_n, cfg.log.eval_every, cfg.log.ckpt_every = 256, 50, 50
     return cfg
 

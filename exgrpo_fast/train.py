@@ -169,21 +169,6 @@ def mfu(n_params: int, tokens_fwd_bwd: int, tokens_fwd: int, dt: float, device: 
     return (6 * n_params * tokens_fwd_bwd + 2 * n_params * tokens_fwd) / dt / peak
 
 
-def lm_head_logprobs(hidden, weight, bias, labels, temperature=1.0, return_entropy=False):
-    """ops.token_logprobs_linear, differentiable when hidden / weight require grad."""
-    out = ops.token_logprobs_linear(
-        hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy
-    )
-    logp = out[0] if return_entropy else out
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) and not logp.requires_grad:
-        from exgrpo_fast import reference  # ops version without autograd: use the reference twin
-
-        out = reference.token_logprobs_linear(
-            hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy
-        )
-    return out
-
-
 class Logger:
     """metrics.jsonl + TensorBoard + console, rank 0 only."""
 
@@ -263,13 +248,13 @@ def sft_step(policy, tokenizer, problems, cfg: TrainConfig, step: int, device, r
     rng = step_rng(cfg.seed, "sft", step)
     idx = rng.choice(len(problems), size=min(cfg.sft.batch_size, len(problems)), replace=False)[rank::world]
     seqs = [encode_dialogue(tokenizer, sft_dialogue(problems[i])) for i in idx]
-    batches = pack_sequences(seqs, cfg.loss.token_budget)
+    batches = pack_sequences(seqs, cfg.data.token_budget)
     total = sum(b.loss_labels.numel() for b in batches)  # host ints: no sync
     loss_sum = torch.zeros((), device=device)
     for batch in batches:
         batch = batch.to(device)
         hidden, weight, bias = policy(batch)  # (N, H) at loss positions, (V, H)
-        logp = lm_head_logprobs(hidden, weight, bias, batch.loss_labels)
+        logp = ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias)
         loss = -logp.sum() / total
         loss.backward()
         loss_sum += loss.detach()
@@ -337,11 +322,11 @@ def _train(cfg: TrainConfig, *, resume: str | None, run_dir: str | None, stop_af
             warm = [
                 encode_dialogue(tokenizer, [{"role": "user", "content": "1"}, {"role": "assistant", "content": "1"}])
             ]
-            policy(pack_sequences(warm, cfg.loss.token_budget)[0].to(device))
+            policy(pack_sequences(warm, cfg.data.token_budget)[0].to(device))
     n_params = sum(p.numel() for p in model.parameters())
     problems, test_splits = load_data(cfg, run_dir)
     test_splits = {k: v[: cfg.log.eval_n] for k, v in test_splits.items()}
-    reward_cfg, loss_cfg = cfg.reward_config(), cfg.loss_config()
+    reward_cfg, loss_cfg, temperature = cfg.reward, cfg.loss, cfg.logprob_temperature
     extra = dict(state["extra"]) if state else {"evals": {}}
     log.print(
         f"run {run_dir} | model {model_path} | {n_params / 1e6:.2f}M params | device {device} | world {world} | "
@@ -456,16 +441,16 @@ def _train(cfg: TrainConfig, *, resume: str | None, run_dir: str | None, stop_af
             rewards, group_ids, scale=cfg.grpo.adv_scale, eps=cfg.grpo.adv_eps, nan_to_zero=True
         ).to(device)  # (S,)
         batches = [b.to(device) for b in pack_sequences([(r.ids, r.loss_mask) for r in rollouts],
-                                                         cfg.loss.token_budget)]  # fmt: skip
+                                                         cfg.data.token_budget)]  # fmt: skip
         t_rollout = _timer(device) - t0
 
         # ---- old / reference / teacher log-probs (no grad); old is reused from the policy forward when on-policy
         t1 = time.perf_counter()
         on_policy = cfg.grpo.updates_per_batch == 1
         with torch.no_grad():
-            old = [None if on_policy else _logp(policy, b) for b in batches]
-            ref = [_logp(ref_model, b) if ref_model is not None else None for b in batches]
-            tch = [_logp(teacher, b) if teacher is not None else None for b in batches]
+            old = [None if on_policy else _logp(policy, b, temperature) for b in batches]
+            ref = [_logp(ref_model, b, temperature) if ref_model is not None else None for b in batches]
+            tch = [_logp(teacher, b, temperature) if teacher is not None else None for b in batches]
         t_logp = _timer(device) - t1
 
         # ---- policy update(s): fused LM head + clipped loss over packed micro-batches
@@ -477,13 +462,14 @@ def _train(cfg: TrainConfig, *, resume: str | None, run_dir: str | None, stop_af
             loss_sum = torch.zeros((), device=device)
             for b, old_b, ref_b, tch_b in zip(batches, old, ref, tch):
                 hidden, weight, bias = policy(b)  # (N, H), (V, H)
-                if old_b is None:
-                    old_b = lm_head_logprobs(hidden.detach(), weight.detach(), None if bias is None else
-                                             bias.detach(), b.loss_labels, cfg.loss.temperature)  # fmt: skip
+                if old_b is None:  # on-policy: the detached current log-probs (ratio 1)
+                    with torch.no_grad():
+                        old_b = ops.token_logprobs_linear(hidden, weight, b.loss_labels, bias=bias,
+                                                          temperature=temperature)  # fmt: skip
                 mask = torch.ones_like(b.loss_labels, dtype=torch.bool)
                 loss, stats = ops.fused_linear_policy_loss(
                     hidden, weight, b.loss_labels, old_b, advantages[b.sample_index], b.loss_seq_ids, mask,
-                    bias=bias, ref_logp=ref_b, teacher_logp=tch_b, temperature=cfg.loss.temperature, cfg=loss_cfg,
+                    bias=bias, ref_logp=ref_b, teacher_logp=tch_b, temperature=temperature, cfg=loss_cfg,
                 )  # fmt: skip
                 w = (
                     b.loss_labels.numel() / n_tok
@@ -559,7 +545,7 @@ def _train(cfg: TrainConfig, *, resume: str | None, run_dir: str | None, stop_af
         "run_dir": str(run_dir), "final_ckpt": str(final_ckpt), "wall_s": wall,
         "reward_first_quarter": trend[0], "reward_last_quarter": trend[1],
         **{f"{tag}_{k}": v for tag in ("untrained", "sft", "final") for k, v in evals.get(tag, {}).items()
-           if k.startswith(("acc", "probe_acc"))},
+           if k.startswith(("acc", "probe_acc", "reward"))},
     }  # fmt: skip
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -569,7 +555,7 @@ def _train(cfg: TrainConfig, *, resume: str | None, run_dir: str | None, stop_af
             f"{k} untrained {evals.get('untrained', {}).get(k, float('nan')):.3f} -> sft "
             f"{evals.get('sft', {}).get(k, float('nan')):.3f} -> final {final.get(k, float('nan')):.3f}"
             for k in final
-            if k.startswith(("acc", "probe_acc"))
+            if k.startswith(("acc", "probe_acc", "reward"))
         )
         + (
             f" | grpo reward {trend[0]:.3f} -> {trend[1]:.3f} (first -> last quarter) | wall {wall:.0f}s | "
@@ -634,11 +620,11 @@ def _quiet_transformers() -> None:
         pass
 
 
-def _logp(model, batch) -> torch.Tensor:
+def _logp(model, batch, temperature: float) -> torch.Tensor:
     """No-grad log-probs of the batch's loss labels under a policy / reference / teacher model."""
     policy = model if isinstance(model, PackedPolicy) else PackedPolicy(model)
     hidden, weight, bias = policy(batch)
-    return ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias)
+    return ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias, temperature=temperature)
 
 
 def _all_reduce_mean(m: dict, device) -> dict:

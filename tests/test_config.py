@@ -7,10 +7,14 @@ import pytest
 from exgrpo_fast import config as C
 
 
-def test_defaults_validate_and_map_to_loss_config():
+def test_defaults_validate_and_sections_are_the_op_configs():
+    from exgrpo_fast.ops import LossConfig
+    from exgrpo_fast.rewards import RewardConfig
+
     cfg = C.preset_cpu_default().validate()
-    loss = cfg.loss_config()
-    assert loss.clip_high == cfg.loss.clip_high and loss.loss_agg == cfg.loss.loss_agg
+    assert isinstance(cfg.loss, LossConfig) and isinstance(cfg.reward, RewardConfig)
+    assert {n for n, *_ in C.iter_fields() if n.startswith("loss.")} == {f"loss.{f.name}" for f in
+                                                                         dataclasses.fields(LossConfig)}
     names = [n for n, *_ in C.iter_fields()]
     assert "grpo.group_size" in names and "loss.kl_beta" in names and "seed" in names
     assert all(doc for _, _, _, doc in C.iter_fields()), "every field needs a docstring"
@@ -30,6 +34,11 @@ def test_defaults_validate_and_map_to_loss_config():
         (["--loss.teacher_beta", "0.1"], "loss.teacher_beta"),
         (["--grpo.steps", "2.5"], "grpo.steps"),
         (["--grpo.use_probes", "maybe"], "grpo.use_probes"),
+        (["--loss.kl_beta", "-0.1"], "loss"),
+        (["--loss.delta", "1.1"], "loss.delta"),
+        (["--reward.dsu_weight", "-1"], "reward.dsu_weight"),
+        (["--reward.dsu_mode", "sum"], "reward.dsu_mode"),
+        (["--data.token_budget", "0"], "data.token_budget"),
     ],
 )
 def test_validation_names_the_field(flags, field):
