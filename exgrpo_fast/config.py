@@ -26,6 +26,7 @@ import tomllib
 
 from exgrpo_fast.reference import LossConfig
 from exgrpo_fast.rewards import RewardConfig
+from exgrpo_fast.rollout import SamplingParams
 
 # ----------------------------------------------------------------------------------------------------------------
 # sections
@@ -100,15 +101,9 @@ class GRPOConfig:
 
 
 @dataclass
-class RolloutConfig:
-    temperature: float = 1.0
-    """Sampling temperature (0 = greedy)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass in (0, 1]."""
-    max_new_tokens: int = 48
-    """Max tokens the student writes per turn."""
-    stop_check_every: int = 4
-    """Check for end-of-turn on the host every this many decode steps (the only per-token sync)."""
+class RolloutConfig(SamplingParams):
+    """rollout.SamplingParams (temperature, top_p, max_new_tokens, stop_check_every) plus the sampling batch."""
+
     batch_size: int = 64
     """Dialogues sampled together (rows of one KV cache)."""
 
@@ -295,21 +290,22 @@ def _get(cfg: TrainConfig, dotted: str) -> Any:
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """Docstrings written under each field (parsed from the class source)."""
-    try:
-        tree = ast.parse(inspect.getsource(cls).lstrip())
-    except (OSError, TypeError):
-        return {}
-    body, docs = tree.body[0].body, {}
-    for node, nxt in itertools.pairwise(body):
-        is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-        if (
-            is_field
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
+    """Docstrings written under each field, parsed from the source of the class and of its dataclass bases."""
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass's doc wins
+        try:
+            body = ast.parse(inspect.getsource(klass).lstrip()).body[0].body
+        except (OSError, TypeError):
+            continue
+        for node, nxt in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
 

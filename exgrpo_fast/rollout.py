@@ -32,11 +32,16 @@ __all__ = [
 
 @dataclass
 class SamplingParams:
+    """How the student samples; config.RolloutConfig (the `rollout` section of the CLI) extends it."""
+
     temperature: float = 1.0
-    """0 = greedy."""
+    """Sampling temperature (0 = greedy)."""
     top_p: float = 1.0
-    max_new_tokens: int = 24
+    """Nucleus sampling mass in (0, 1]."""
+    max_new_tokens: int = 48
+    """Max tokens the student writes per turn."""
     stop_check_every: int = 4
+    """Check for end-of-turn on the host every this many decode steps (the only per-token sync)."""
 
 
 @dataclass

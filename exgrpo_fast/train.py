@@ -41,7 +41,7 @@ from exgrpo_fast import checkpoint as ckpt_lib
 from exgrpo_fast import ops
 from exgrpo_fast.config import TrainConfig, parse_args, to_toml
 from exgrpo_fast.eval import evaluate, format_eval
-from exgrpo_fast.rollout import SamplingParams, rollout_dialogues
+from exgrpo_fast.rollout import rollout_dialogues
 
 # ----------------------------------------------------------------------------------------------------------------
 # set-up helpers
@@ -414,8 +414,7 @@ def _train(cfg: TrainConfig, *, resume: str | None, run_dir: str | None, stop_af
     if cfg.loss.teacher_beta > 0:
         teacher, _ = load_model(cfg.model.teacher_path, dtype=dtype, device=device)
         teacher.requires_grad_(False).eval()
-    params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
-                            cfg.rollout.stop_check_every)  # fmt: skip
+    params = cfg.rollout  # a rollout.SamplingParams
     from exgrpo_fast.data.packing import pack_sequences
     from exgrpo_fast.rewards import score_dialogue
 
