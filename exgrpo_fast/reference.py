@@ -87,17 +87,50 @@ class LossConfig:
 # log-probs
 
 
+IGNORE_INDEX = -100
+"""Label value of a token that does not count (Hugging Face's ignore index): logp 0, entropy 0, zero gradient."""
+
+
+def live_rows(labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [T]: tokens whose logits are read at all. A token is dead when its label is IGNORE_INDEX (-100) or,
+    for the losses, when mask is 0. Dead rows may hold anything (NaN included): they get logp 0, entropy 0 and an
+    exact zero gradient."""
+    live = labels != IGNORE_INDEX
+    if mask is not None:
+        live = live & (mask.bool() if mask.dtype == torch.bool else mask != 0)
+    return live
+
+
+def _token_logprobs_rows(
+    logits: torch.Tensor, labels: torch.Tensor, live: torch.Tensor, temperature: float, return_entropy: bool
+):
+    """token_logprobs restricted to the live rows (dead rows: 0, and never part of any arithmetic that could put
+    their NaN into a gradient: the row is replaced by zeros before the softmax)."""
+    x = logits.float() / temperature
+    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+    x = torch.where(live.unsqueeze(-1), x, zero)  # where, not multiply: NaN * 0 would stay NaN
+    logprobs = torch.log_softmax(x, dim=-1)  # (T, V)
+    safe_labels = torch.where(live, labels.long(), torch.zeros_like(labels, dtype=torch.long))
+    logp = torch.where(live, logprobs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1), zero)  # (T,)
+    if not return_entropy:
+        return logp
+    p = logprobs.exp()
+    # 0 * log 0 = 0: a vocab-masked (-inf) entry has p = 0 and contributes nothing, to the value or the gradient
+    plogp = p * torch.where(p > 0, logprobs, zero)
+    entropy = torch.where(live, -plogp.sum(-1), zero)
+    return logp, entropy
+
+
 def token_logprobs(
     logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False
 ):
     """logp[t] = log_softmax(logits[t].float() / temperature)[labels[t]], fp32 [T]; optionally the entropy of the
-    same tempered distribution, fp32 [T]. Differentiable w.r.t. logits."""
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # (T, V)
-    logp = logprobs.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)  # (T,)
-    if not return_entropy:
-        return logp
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return logp, entropy
+    same tempered distribution, fp32 [T], with 0 * log 0 = 0 (vocab-masked -inf logits give a finite entropy and
+    finite, exact gradients). Differentiable w.r.t. logits.
+
+    labels[t] == -100 (IGNORE_INDEX) marks a token that does not count: logp 0, entropy 0, zero gradient, and its
+    row of logits is never used (it may hold NaN)."""
+    return _token_logprobs_rows(logits, labels, live_rows(labels), temperature, return_entropy)
 
 
 def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -300,12 +333,16 @@ def fused_policy_loss(
     temperature: float = 1.0,
     cfg: LossConfig | None = None,
 ):
-    """token_logprobs then policy_loss; stats also hold the masked mean entropy. Grads w.r.t. logits."""
-    logp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
+    """token_logprobs then policy_loss; stats also hold the masked mean entropy. Grads w.r.t. logits.
+
+    Tokens with mask 0 or label -100 (IGNORE_INDEX) are masked: they contribute nothing, their gradient is exactly
+    zero and their logits are never used (prompt and padding rows may hold NaN or garbage)."""
+    live = live_rows(labels, mask)
+    logp, entropy = _token_logprobs_rows(logits, labels, live, temperature, True)
     loss, stats = policy_loss(
-        logp, old_logp, advantages, seq_ids, mask, ref_logp=ref_logp, teacher_logp=teacher_logp, cfg=cfg
+        logp, old_logp, advantages, seq_ids, live, ref_logp=ref_logp, teacher_logp=teacher_logp, cfg=cfg
     )
-    stats["entropy"] = masked_mean(entropy.detach(), mask)
+    stats["entropy"] = masked_mean(entropy.detach(), live)
     return loss, stats
 
 
