@@ -3,17 +3,35 @@
 This is the only module that imports csrc_triton. Every public function has a plain-PyTorch twin of the same name
 in exgrpo_fast.reference (the truth for tests). Dispatch: CUDA tensors run the Triton kernels; CPU tensors run them
 through the Triton interpreter when TRITON_INTERPRET=1 was set before triton was imported, and otherwise fall back
-to reference.py (logged once). `set_backend("reference" | "triton" | "auto")` or EXGRPO_FAST_BACKEND forces one.
+to reference.py (logged once). The backend is chosen explicitly with a context manager,
 
-Validation raises ValueError / TypeError naming the argument. Checks on tensor *values* (labels in [0, V), ids in
-range, NaN rewards) need a host sync; they are on by default and can be turned off for a hot loop with
-`set_value_checks(False)` or EXGRPO_FAST_VALUE_CHECKS=0.
+    with ops.backend("reference"):      # "auto" (default) | "triton" | "reference"
+        ...
+
+and read with `ops.current_backend()`; EXGRPO_FAST_BACKEND sets the process default and `set_backend(name)` is
+kept as a thin wrapper for old callers.
+
+Validation raises ValueError / TypeError naming the argument. Shapes, dtypes and devices are always checked (no
+device work). Checks on tensor *values* (labels in [0, V) or -100, ids in range, NaN rewards) would each cost a
+host sync, so they have a mode (EXGRPO_FAST_VALUE_CHECKS=eager|deferred|off, or `with ops.value_checks(mode):`):
+
+    "eager"     (default) read the values at the call and raise there: clearest errors, one sync per check.
+    "deferred"  the training loop's choice: each check is a few device ops that OR a bad-value flag (and the
+                offending min/max) into a device tensor; nothing syncs. `ops.raise_deferred_errors()`, called once
+                at the step's existing logging sync, reads all flags at once and raises the first error found.
+    "off"       no range checks. Out-of-range labels are still never dereferenced (their logp is NaN), -100 is
+                always a masked token. The NaN-rewards check of group_advantages stays eager in this mode (once
+                per step, [S] values): a NaN reward must not silently become advantage 0.
+
+The training loop uses "deferred", so the hot path has no host sync (DESIGN.md section 3).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Iterator
 
 import torch
 
@@ -28,34 +46,146 @@ __all__ = [
     "fused_policy_loss",
     "token_logprobs_linear",
     "fused_linear_policy_loss",
+    "backend",
+    "current_backend",
     "set_backend",
+    "value_checks",
+    "current_value_checks",
     "set_value_checks",
+    "raise_deferred_errors",
     "backend_for",
+    "IGNORE_INDEX",
 ]
 
 _log = logging.getLogger(__name__)
+
+IGNORE_INDEX = reference.IGNORE_INDEX
 
 # ----------------------------------------------------------------------------------------------------------------
 # dispatch
 
 _BACKENDS = ("auto", "triton", "reference")
+_VALUE_CHECK_MODES = ("eager", "deferred", "off")
+
+
+def _env_value_checks() -> str:
+    raw = os.environ.get("EXGRPO_FAST_VALUE_CHECKS", "eager").strip().lower()
+    mode = {"1": "eager", "0": "off", "true": "eager", "false": "off"}.get(raw, raw)
+    if mode not in _VALUE_CHECK_MODES:
+        raise ValueError(f"EXGRPO_FAST_VALUE_CHECKS={raw!r}: expected one of {_VALUE_CHECK_MODES}")
+    return mode
+
+
 _backend = os.environ.get("EXGRPO_FAST_BACKEND", "auto")
-_value_checks = os.environ.get("EXGRPO_FAST_VALUE_CHECKS", "1") != "0"
+_value_check_mode = _env_value_checks()
 _fallback_logged = False
 
 
-def set_backend(name: str) -> None:
-    """Force the backend of every op: "auto" (Triton where it can run), "triton", or "reference"."""
-    global _backend
+def _validate_backend(name: str) -> str:
     if name not in _BACKENDS:
         raise ValueError(f"backend={name!r}: expected one of {_BACKENDS}")
-    _backend = name
+    return name
 
 
-def set_value_checks(enabled: bool) -> None:
-    """Turn the checks that read tensor values (and so sync with the device) on or off."""
-    global _value_checks
-    _value_checks = bool(enabled)
+def current_backend() -> str:
+    """The backend ops use now: "auto", "triton" or "reference" (see backend_for for the one a device gets)."""
+    return _backend
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[str]:
+    """Run the ops inside the block on backend `name` ("auto", "triton" or "reference"); restored on exit."""
+    global _backend
+    previous = _backend
+    _backend = _validate_backend(name)
+    try:
+        yield name
+    finally:
+        _backend = previous
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide backend (thin wrapper kept for old callers; prefer `with ops.backend(name):`)."""
+    global _backend
+    _backend = _validate_backend(name)
+
+
+def _validate_mode(mode: str | bool) -> str:
+    if isinstance(mode, bool):
+        return "eager" if mode else "off"
+    if mode not in _VALUE_CHECK_MODES:
+        raise ValueError(f"value checks mode={mode!r}: expected one of {_VALUE_CHECK_MODES}")
+    return mode
+
+
+def current_value_checks() -> str:
+    """The value-check mode now: "eager", "deferred" or "off"."""
+    return _value_check_mode
+
+
+@contextlib.contextmanager
+def value_checks(mode: str) -> Iterator[str]:
+    """Run the ops inside the block with value checks `mode` ("eager", "deferred", "off"); restored on exit.
+    Leaving a "deferred" block does not drop its recorded errors: raise_deferred_errors() still reports them."""
+    global _value_check_mode
+    previous = _value_check_mode
+    _value_check_mode = _validate_mode(mode)
+    try:
+        yield _value_check_mode
+    finally:
+        _value_check_mode = previous
+
+
+def set_value_checks(mode: str | bool) -> None:
+    """Set the process-wide value-check mode (True = "eager", False = "off"; thin wrapper kept for old callers)."""
+    global _value_check_mode
+    _value_check_mode = _validate_mode(mode)
+
+
+# deferred checks: message -> (bad flag, min of bad values, max of bad values), all 0-dim device tensors
+_deferred: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def raise_deferred_errors() -> None:
+    """Raise the first value error recorded by "deferred" checks since the last call, and clear them all.
+
+    One host sync for all pending checks (none when nothing was recorded): call it where the loop already syncs
+    (logging). Errors name the argument and the offending values, like the eager checks."""
+    if not _deferred:
+        return
+    pending = list(_deferred.items())
+    _deferred.clear()
+    flags = torch.stack(
+        [torch.stack([f.to(torch.float64), lo.to(torch.float64), hi.to(torch.float64)]) for _, (f, lo, hi) in pending]
+    ).cpu()  # sync: the one read of all deferred flags
+    for (message, _), (flag, lo, hi) in zip(pending, flags.tolist()):
+        if flag:
+            raise ValueError(message.format(lo=_fmt(lo), hi=_fmt(hi)) + " (deferred check)")
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if v == v and abs(v) < 2**53 and v == int(v) else str(v)
+
+
+def _value_check(bad: torch.Tensor, values: torch.Tensor, message: str) -> None:
+    """Report values where `bad` is set. `message` may use {lo} and {hi}: the smallest and largest bad value.
+    eager: one sync, raise now; deferred: OR into device flags; off: nothing. Callers skip the call when off."""
+    if _value_check_mode == "off" or bad.numel() == 0:
+        return
+    if _value_check_mode == "eager":
+        if bool(bad.any()):  # sync: eager input validation
+            sel = values[bad]
+            raise ValueError(message.format(lo=_fmt(sel.min().item()), hi=_fmt(sel.max().item())))
+        return
+    v = values.double() if values.is_floating_point() else values.long()
+    big = torch.finfo(torch.float64).max if v.is_floating_point() else torch.iinfo(torch.int64).max
+    lo = torch.where(bad, v, big).min()
+    hi = torch.where(bad, v, -big).max()
+    flag = bad.any()
+    old = _deferred.get(message)
+    if old is not None:
+        flag, lo, hi = flag | old[0], torch.minimum(lo, old[1].to(lo.dtype)), torch.maximum(hi, old[2].to(hi.dtype))
+    _deferred[message] = (flag, lo, hi)
 
 
 def _triton_importable() -> bool:
@@ -127,12 +257,18 @@ def _check_len(name: str, x: torch.Tensor, n: int, what: str) -> None:
 
 
 def _check_range(name: str, x: torch.Tensor, upper: int, what: str) -> None:
-    """Values of an index tensor in [0, upper). Reads values: a host sync, skipped when value checks are off."""
-    if not _value_checks or x.numel() == 0:
+    """Values of an index tensor in [0, upper), checked in the current value-check mode (see the module doc)."""
+    if _value_check_mode == "off" or x.numel() == 0:
         return
-    lo, hi = int(x.min()), int(x.max())  # sync: input validation
-    if lo < 0 or hi >= upper:
-        raise ValueError(f"{name} must lie in [0, {what}={upper}), found values in [{lo}, {hi}]")
+    _value_check((x < 0) | (x >= upper), x, f"{name} must lie in [0, {what}={upper}), found values in [{{lo}}, {{hi}}]")
+
+
+def _check_labels(name: str, labels: torch.Tensor, V: int) -> None:
+    """Labels in [0, V) or equal to -100 (IGNORE_INDEX: a masked token), in the current value-check mode."""
+    if _value_check_mode == "off" or labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= V)) & (labels != IGNORE_INDEX)
+    _value_check(bad, labels, f"{name} must lie in [0, V={V}) or be {IGNORE_INDEX} (ignored), found {{lo}}..{{hi}}")
 
 
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64)
@@ -200,16 +336,21 @@ def _check_temperature(temperature: float) -> float:
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """logp (and entropy) from logits; the backward writes dlogits, in place into the logits buffer by default."""
+    """logp (and entropy) from logits; the backward writes dlogits, in place into the logits buffer by default.
+
+    `live` (optional [T]) is the loss's mask: rows where it is 0 or the label is -100 are never read, get outputs
+    0 and an exact zero gradient. Grads of outputs the graph does not use arrive as None (materialize_grads off),
+    so an unused entropy costs nothing in the backward."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature: float, return_entropy: bool, inplace_backward: bool):
+    def forward(ctx, logits, labels, live, temperature: float, return_entropy: bool, inplace_backward: bool):
         from csrc_triton import logprob
 
-        logp, lse, entropy = logprob.logprob_forward(logits, labels, temperature, return_entropy)
+        logp, lse, entropy = logprob.logprob_forward(logits, labels, temperature, return_entropy, live)
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
-        ctx.save_for_backward(logits, labels, lse, entropy)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, labels, live, lse, entropy)
         if return_entropy:
             return logp, entropy
         return logp
@@ -218,17 +359,17 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy=None):
         from csrc_triton import logprob
 
-        logits, labels, lse, entropy = ctx.saved_tensors
+        logits, labels, live, lse, entropy = ctx.saved_tensors
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         dlogits = logprob.logprob_backward(
             logits, labels, lse, grad_logp, ctx.temperature,
-            grad_entropy=grad_entropy, entropy=entropy, inplace=ctx.inplace_backward,
+            grad_entropy=grad_entropy, entropy=entropy, live=live, inplace=ctx.inplace_backward,
         )  # fmt: skip
-        if ctx.inplace_backward:
+        if dlogits is logits:
             # the logits buffer now holds the gradient: any other node that saved it must fail loudly, not silently
             torch.autograd.graph.increment_version(logits)
-        return dlogits, None, None, None, None
+        return dlogits, None, None, None, None, None
 
 
 def _check_logits_labels(logits, labels) -> None:
@@ -241,7 +382,7 @@ def _check_logits_labels(logits, labels) -> None:
         raise ValueError("logits is empty: the batch has no tokens")
     if logits.shape[1] == 0:
         raise ValueError("logits has V=0 columns")
-    _check_range("labels", labels, logits.shape[1], "V")
+    _check_labels("labels", labels, logits.shape[1])
 
 
 def token_logprobs(
@@ -251,15 +392,19 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     inplace_backward: bool = True,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """logp[T] fp32 (and entropy[T] fp32) of labels under softmax(logits / temperature). Differentiable w.r.t.
-    logits (both outputs). With inplace_backward (default) the backward writes dlogits into the logits buffer
-    itself, so no second [T, V] tensor is allocated; the logits then hold their gradient."""
+    logits (both outputs). Labels equal to -100 (IGNORE_INDEX) are masked tokens: logp 0, entropy 0, zero
+    gradient, and their logits row is never read (it may hold NaN). Any logits/labels strides are accepted.
+
+    With inplace_backward (default) the backward writes dlogits into the logits buffer itself, through the view's
+    own strides, so no second [T, V] tensor is allocated; the logits then hold their gradient. A view that overlaps
+    itself (an expanded tensor) gets a fresh gradient tensor instead."""
     _check_logits_labels(logits, labels)
     temperature = _check_temperature(temperature)
     if backend_for(logits.device) == "reference":
         return reference.token_logprobs(logits, labels, temperature=temperature, return_entropy=return_entropy)
-    return _TokenLogprobs.apply(logits, labels, temperature, return_entropy, inplace_backward)
+    return _TokenLogprobs.apply(logits, labels, None, temperature, return_entropy, inplace_backward)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,9 +432,14 @@ def group_advantages(
     if not eps >= 0.0:
         raise ValueError(f"eps={eps}: expected >= 0")
     _check_range("group_ids", group_ids, rewards.shape[0], "S (len(rewards))")
-    # sync: one [S] check per step; NaN rewards are an error unless asked for, even with value checks off
-    if not nan_to_zero and bool(torch.isnan(rewards).any()):
-        raise ValueError("rewards contain NaN; pass nan_to_zero=True to give those samples advantage 0")
+    if not nan_to_zero:
+        # eager (and off): one [S] sync per step, NaN rewards are an error even with value checks off;
+        # deferred: a device-side flag read by raise_deferred_errors()
+        nan = torch.isnan(rewards)
+        if _value_check_mode == "deferred":
+            _value_check(nan, rewards, "rewards contain NaN; pass nan_to_zero=True to give those samples advantage 0")
+        elif bool(nan.any()):  # sync: the once-per-step NaN check
+            raise ValueError("rewards contain NaN; pass nan_to_zero=True to give those samples advantage 0")
     if backend_for(rewards.device) == "reference":
         return reference.group_advantages(rewards, group_ids, scale=scale, eps=eps, nan_to_zero=True)
     from csrc_triton import loss_head
@@ -363,9 +513,12 @@ def fused_policy_loss(
     temperature: float = 1.0,
     cfg: LossConfig | None = None,
     inplace_backward: bool = True,
-):
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, stats) from logits[T, V]; grads w.r.t. logits, written in place into the logits buffer unless
-    inplace_backward=False. stats also hold the masked mean entropy. See reference.fused_policy_loss."""
+    inplace_backward=False. stats also hold the masked mean entropy. See reference.fused_policy_loss.
+
+    Tokens with mask 0 or label -100 are masked: their logits rows are never read (in either pass; they may hold
+    NaN) and get an exact zero gradient. Any input strides are accepted."""
     _check_logits_labels(logits, labels)
     temperature = _check_temperature(temperature)
     cfg = _check_token_inputs(
@@ -376,9 +529,10 @@ def fused_policy_loss(
             logits, labels, old_logp, advantages, seq_ids, mask,
             ref_logp=ref_logp, teacher_logp=teacher_logp, temperature=temperature, cfg=cfg,
         )  # fmt: skip
-    logp, entropy = _TokenLogprobs.apply(logits, labels, temperature, True, inplace_backward)
-    loss, stats = _policy_loss(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg)
-    stats["entropy"] = reference.masked_mean(entropy.detach(), mask)
+    live = reference.live_rows(labels, mask)  # O(T), on device: the loss mask with -100 labels folded in
+    logp, entropy = _TokenLogprobs.apply(logits, labels, live, temperature, True, inplace_backward)
+    loss, stats = _policy_loss(logp, old_logp, advantages, seq_ids, live, ref_logp, teacher_logp, cfg)
+    stats["entropy"] = reference.masked_mean(entropy.detach(), live)
     return loss, stats
 
 
