@@ -23,7 +23,8 @@ host sync, so they have a mode (EXGRPO_FAST_VALUE_CHECKS=eager|deferred|off, or 
                 always a masked token. The NaN-rewards check of group_advantages stays eager in this mode (once
                 per step, [S] values): a NaN reward must not silently become advantage 0.
 
-The training loop uses "deferred", so the hot path has no host sync (DESIGN.md section 3).
+A training loop should run its steps under "deferred" and call raise_deferred_errors() at its logging sync, so the
+hot path has no host sync (DESIGN.md section 3); tests and interactive use keep "eager".
 """
 
 from __future__ import annotations
