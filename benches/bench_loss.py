@@ -235,7 +235,8 @@ def main_bytes(T: int, V: int, S: int, fractions: list[float]) -> list[dict]:
     )
     print(
         "Both providers get the loss mask and skip masked rows (never read, zero gradient rows written); passes ="
-        " (bytes read + written over the scored logits rows) / logits bytes; per-row figures in rows of V*b bytes"
+        " (bytes read + written over the scored logits rows) / logits bytes; per-row figures in rows of V*b bytes;"
+        " clipped = PPO-clipped live tokens (ours skips their second read only when g is exactly 0, i.e. without KL)"
     )
     print(
         f"{'masked':>7}{'clipped':>9}{'provider':>10}{'passes':>8}{'live':>7}{'masked':>8}{'rd live':>9}"
