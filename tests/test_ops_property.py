@@ -168,7 +168,7 @@ def test_fused_policy_loss_property(seed):
     labels = labels.masked_fill(ignored, -100)
     dead = ignored | ~mask
     logits[dead] = float("nan")  # prompt/padding rows hold garbage
-    old[dead] = float("nan")
+    old[dead], ref[dead], teacher[dead] = float("nan"), float("inf"), float("nan")
     values = logits.to(dtype)
     case = dict(T=T, V=V, S=S, dtype=dtype, layout=layout, temperature=temperature, cfg=cfg, dead=int(dead.sum()))
     labels_in, mask_in, seq_in = strided(labels, rng), strided(mask, rng), strided(seq_ids, rng)
@@ -208,7 +208,7 @@ def test_policy_loss_property(seed):
     old = logp.float() + 0.3 * torch.randn(T, device=DEVICE)
     ref = logp.float() + 0.2 * torch.randn(T, device=DEVICE)
     teacher = logp.float() + 0.3 * torch.randn(T, device=DEVICE)
-    old[~mask] = float("nan")
+    old[~mask], ref[~mask], teacher[~mask] = float("nan"), float("-inf"), float("nan")
     kw = dict(ref_logp=ref if cfg.kl_beta > 0 else None, teacher_logp=teacher, cfg=cfg)
     mask_in, seq_in = strided(mask, rng), strided(seq_ids, rng)
     case = dict(T=T, S=S, dtype=dtype, cfg=cfg)
