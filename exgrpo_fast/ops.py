@@ -156,10 +156,15 @@ def raise_deferred_errors() -> None:
         return
     pending = list(_deferred.items())
     _deferred.clear()
-    flags = torch.stack(
-        [torch.stack([f.to(torch.float64), lo.to(torch.float64), hi.to(torch.float64)]) for _, (f, lo, hi) in pending]
-    ).cpu()  # sync: the one read of all deferred flags
-    for (message, _), (flag, lo, hi) in zip(pending, flags.tolist()):
+    values: list[list[float]] = [[]] * len(pending)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, (flag, _, _)) in enumerate(pending):
+        by_device.setdefault(flag.device, []).append(i)
+    for idx in by_device.values():
+        rows = torch.stack([torch.stack([t.to(torch.float64) for t in pending[i][1]]) for i in idx])
+        for i, row in zip(idx, rows.cpu().tolist()):  # sync: the one read of the deferred flags (per device)
+            values[i] = row
+    for (message, _), (flag, lo, hi) in zip(pending, values):
         if flag:
             raise ValueError(message.format(lo=_fmt(lo), hi=_fmt(hi)) + " (deferred check)")
 
