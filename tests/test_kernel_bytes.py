@@ -3,14 +3,18 @@ roofline formula of csrc_triton/logprob.py, checked per row on T=192, V=4099 (no
 the rows masked. Live rows are read at most twice and written once; masked rows (loss mask 0 or label -100) are
 written once (zeros) and never read, whatever they hold."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from exgrpo_fast import ops
-from exgrpo_fast import reference as R
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benches/ lives next to tests/
 
-interp_bytes = pytest.importorskip("benches.interp_bytes")
+from benches import interp_bytes  # noqa: E402
+from exgrpo_fast import ops  # noqa: E402
+from exgrpo_fast import reference as R  # noqa: E402
 
 T, V, S = 192, 4099, 4
 
