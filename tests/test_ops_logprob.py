@@ -498,3 +498,17 @@ def test_backend_context_manager():
             pass
     with pytest.raises(ValueError, match="value checks mode"):
         ops.set_value_checks("sometimes")
+
+
+def test_entropy_only_gradient():
+    logits = torch.randn(5, 300, device=DEVICE)
+    logits[:, 7] = float("-inf")
+    labels = torch.tensor([1, -100, 3, 299, 0], device=DEVICE)
+    grads = []
+    for fn in (ops.token_logprobs, R.token_logprobs):
+        x = logits.clone().requires_grad_()
+        _, ent = fn(x, labels, return_entropy=True, temperature=1.1)
+        ent.sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(grads[0]).all()
