@@ -12,7 +12,8 @@ entries (x_j = -inf) have p_j = 0 and contribute exactly 0 to H and to every gra
 Dead rows: a row is dead when its label is -100 (the Hugging Face ignore index) or, when the caller passes a
 row mask (the loss's mask), where that mask is 0. Dead rows are never read: the forward writes logp = lse =
 entropy = 0 and the backward writes zeros into their dlogits row. The backward also skips the read of a live row
-whose gradient coefficients are exactly zero (g == 0 and no entropy gradient: PPO-clipped tokens), since its
+whose gradient coefficients are exactly zero (g == 0 and no entropy gradient: PPO-clipped tokens without a KL
+term), since its
 dlogits row is exactly zero. An out-of-range label that is not -100 (possible only with value checks off) is
 never dereferenced: its logp is NaN.
 
@@ -165,6 +166,9 @@ def _logprob_bwd_kernel(
 
 # (max V, BLOCK_V, num_warps, num_stages) per element size on CUDA, first match wins. Not yet timed on a GPU: the
 # shape follows the memory-bound rule of thumb (>= 8 KiB per load in flight per program, 2 stages in flight).
+# AOT-compiled on CPU with Triton 3.9's ptxas for sm_80 and sm_90, every entry, entropy on and off: 0 spills, at
+# most 116 registers/thread, <= 8.2 KB shared memory (Triton pipelines the fp32 loads with cp.async; it leaves the
+# bf16/fp16 loads unpipelined at these block sizes).
 _CUDA_TABLE = {
     2: ((1024, 1024, 4, 1), (4096, 2048, 8, 2), (1 << 62, 4096, 8, 2)),
     4: ((1024, 1024, 4, 1), (4096, 2048, 8, 2), (1 << 62, 2048, 8, 2)),
