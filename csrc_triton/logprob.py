@@ -13,9 +13,8 @@ Dead rows: a row is dead when its label is -100 (the Hugging Face ignore index) 
 row mask (the loss's mask), where that mask is 0. Dead rows are never read: the forward writes logp = lse =
 entropy = 0 and the backward writes zeros into their dlogits row. The backward also skips the read of a live row
 whose gradient coefficients are exactly zero (g == 0 and no entropy gradient: PPO-clipped tokens without a KL
-term), since its
-dlogits row is exactly zero. An out-of-range label that is not -100 (possible only with value checks off) is
-never dereferenced: its logp is NaN.
+term), since its dlogits row is exactly zero. An out-of-range label that is not -100 (possible only with value
+checks off) is never dereferenced: its logp is NaN.
 
 Bytes per row of V logits of b bytes (counted through the interpreter by benches/interp_bytes.py):
     live row:  forward reads V*b, backward reads V*b and writes V*b    (2 reads + 1 write)
