@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,10 +89,13 @@ def run_ours(model, tok, problems, G, params, turns, batch):
 
 
 def run_previous(prev, model, tok, problems, G, params, turns, batch):
-    old_params = prev.SamplingParams(temperature=params.temperature, top_p=params.top_p,
-                                     max_new_tokens=params.max_new_tokens, stop_check_every=params.stop_check_every)  # fmt: skip
+    old_params = prev.SamplingParams(
+        temperature=params.temperature, top_p=params.top_p, max_new_tokens=params.max_new_tokens,
+        stop_check_every=params.stop_check_every,
+    )  # fmt: skip
+    gen = torch.Generator(device=model.device).manual_seed(0)
     rs = prev.rollout_dialogues(model, tok, problems, group_size=G, params=old_params, include_probes=turns > 1,
-                                batch_size=batch, generator=torch.Generator(device=model.device).manual_seed(0))  # fmt: skip
+                                batch_size=batch, generator=gen)  # fmt: skip
     return count_sampled(rs)
 
 
@@ -149,6 +153,7 @@ def main() -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--turns", type=int, nargs="+", default=[1, 3])
     p.add_argument("--providers", nargs="+", default=["ours", "previous", "hf"])
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per provider (median reported)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     args = p.parse_args()
 
@@ -178,18 +183,25 @@ def main() -> None:
         for batch in batches:
             P = max(1, batch // G)
             probs = [limit_turns(x, turns) for x in problems_with_turns(P, turns, seed=batch)]
+            runners = {
+                "ours": lambda probs=probs, turns=turns, batch=batch: run_ours(model, tok, probs, G, params, turns,
+                                                                                batch),
+                "previous": lambda probs=probs, turns=turns, batch=batch: run_previous(prev, model, tok, probs, G,
+                                                                                        params, turns, batch),
+                "hf": lambda probs=probs, turns=turns, batch=batch: run_hf(model, tok, probs, G, params, turns, batch),
+            }  # fmt: skip
+            names = [n for n in args.providers if n in runners and (n != "previous" or prev is not None)]
+            times: dict[str, list[float]] = {n: [] for n in names}
+            counts: dict[str, int] = {}
+            for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit all providers
+                for name in names:
+                    secs, n = timed(runners[name], device)
+                    times[name].append(secs)
+                    counts[name] = n
             res = {}
-            for name in args.providers:
-                if name == "ours":
-                    fn = lambda: run_ours(model, tok, probs, G, params, turns, batch)  # noqa: E731
-                elif name == "previous" and prev is not None:
-                    fn = lambda: run_previous(prev, model, tok, probs, G, params, turns, batch)  # noqa: E731
-                elif name == "hf":
-                    fn = lambda: run_hf(model, tok, probs, G, params, turns, batch)  # noqa: E731
-                else:
-                    continue
-                secs, n = timed(fn, device)
-                res[name] = (secs, n, n / secs)
+            for name in names:
+                secs = statistics.median(times[name])
+                res[name] = (secs, counts[name], counts[name] / secs)
             for name, (secs, n, tps) in res.items():
                 vs_prev = tps / res["previous"][2] if "previous" in res else float("nan")
                 vs_hf = tps / res["hf"][2] if "hf" in res else float("nan")

@@ -117,37 +117,49 @@ class Engine:
         self.forwards = 0  # model forwards run (prefills + decode steps): equal on every rank
 
     # -- one forward -------------------------------------------------------------------------------------------
-    def _mask(self, lens: torch.Tensor, n: torch.Tensor, q: int, kv_len: int):
+    def _mask(self, lens: torch.Tensor, n: torch.Tensor | None, q: int, kv_len: int):
         """4-D boolean masks [B, 1, q, kv_len]: query i of row b sees slots <= lens[b] + i (and within the sliding
-        window on sliding layers); padding queries (i >= n[b]) see slot 0 only (finite, ignored outputs)."""
-        i = torch.arange(q, device=lens.device)
+        window on sliding layers); padding queries (i >= n[b]) see slot 0 only (finite, ignored outputs).
+        n=None is a decode step (q = 1, every row's query is real: finished rows' outputs are ignored)."""
         j = torch.arange(kv_len, device=lens.device)
-        qpos = lens[:, None] + i[None, :]  # (B, q)
-        valid = (i[None, :] < n[:, None])[:, :, None]  # (B, q, 1)
-        causal = j[None, None, :] <= qpos[:, :, None]  # (B, q, K)
-        pad = (j == 0)[None, None, :]
-        full = torch.where(valid, causal, pad)[:, None]
+        if n is None:
+            qpos = lens[:, None]  # (B, 1)
+            causal = (j[None, :] <= qpos)[:, None]  # (B, 1, K)
+            valid = pad = None
+        else:
+            i = torch.arange(q, device=lens.device)
+            qpos = lens[:, None] + i[None, :]  # (B, q)
+            valid = (i[None, :] < n[:, None])[:, :, None]  # (B, q, 1)
+            causal = j[None, None, :] <= qpos[:, :, None]  # (B, q, K)
+            pad = (j == 0)[None, None, :]
+        full = (causal if n is None else torch.where(valid, causal, pad))[:, None]
         needs_window = "sliding_attention" in self.layer_types or (not self.layer_types and self.window)
         if not needs_window:
             return full
-        sliding = torch.where(valid, causal & (qpos[:, :, None] - j[None, None, :] < self.window), pad)[:, None]
+        in_window = causal & (qpos[:, :, None] - j[None, None, :] < self.window)
+        sliding = (in_window if n is None else torch.where(valid, in_window, pad))[:, None]
         if not self.layer_types:
             return sliding
         return {"full_attention": full, "sliding_attention": sliding}
 
-    def forward(self, cache: RowKVCache, input_ids: torch.Tensor, lens: torch.Tensor, n: torch.Tensor,
+    def forward(self, cache: RowKVCache, input_ids: torch.Tensor, lens: torch.Tensor, n: torch.Tensor | None,
                 kv_len: int) -> torch.Tensor:  # fmt: skip
-        """Run input_ids [B, q] (row b's first n[b] are real, written at slots lens[b]...) -> hidden [B, q, H]."""
-        q = input_ids.shape[1]
-        i = torch.arange(q, device=input_ids.device)
-        valid = i[None, :] < n[:, None]
-        slots = lens[:, None] + i[None, :]
-        cache.write_idx = torch.where(valid, slots, cache.max_len)
+        """Run input_ids [B, q] (row b's first n[b] are real, written at slots lens[b]...) -> hidden [B, q, H].
+        n=None is a decode step: q = 1, rows with cache.write_idx already set (finished rows -> trash slot)."""
+        if n is None:
+            position_ids = lens[:, None]
+        else:
+            q = input_ids.shape[1]
+            i = torch.arange(q, device=input_ids.device)
+            valid = i[None, :] < n[:, None]
+            slots = lens[:, None] + i[None, :]
+            cache.write_idx = torch.where(valid, slots, cache.max_len)
+            position_ids = torch.where(valid, slots, 0)
         cache.kv_len = kv_len
         out = self.body(
             input_ids=input_ids,
-            position_ids=torch.where(valid, slots, 0),
-            attention_mask=self._mask(lens, n, q, kv_len),
+            position_ids=position_ids,
+            attention_mask=self._mask(lens, n, input_ids.shape[1], kv_len),
             use_cache=True,
             **{self.cache_kw: cache},
         )
@@ -175,7 +187,8 @@ class Engine:
         """One decode step for every row, in place: feed tok, sample the next one. Finished rows write to the trash
         slot and keep their state. No host sync: capturable in a CUDA graph."""
         active = ~state.done
-        hidden = self.forward(cache, state.tok[:, None], state.lens, active.long(), kv_len)
+        cache.write_idx = torch.where(active, state.lens, cache.max_len)[:, None]  # finished rows -> trash slot
+        hidden = self.forward(cache, state.tok[:, None], state.lens, None, kv_len)
         logits = self.logits(hidden[:, 0])
         state.lens.add_(active.long())
         tok = sample_next(logits, self.temperature, self.top_p, state.seeds, state.lens)

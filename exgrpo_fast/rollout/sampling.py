@@ -37,7 +37,7 @@ def row_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> tor
     """Uniform noise in (0, 1), [B, vocab] fp32, a pure function of (seed, position, vocab id) per row."""
     keys = row_keys(seeds, positions)  # (B,)
     v = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    x = _mix32(_mix32(keys[:, None] ^ (v[None, :] * 0x27D4EB2 & _M32)) + keys[:, None] & _M32)
+    x = _mix32(keys[:, None] ^ (v[None, :] * 0x27D4EB2 & _M32))  # keys are already well mixed per row
     return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # 24 random bits, never 0 or 1
 
 
