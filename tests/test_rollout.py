@@ -80,15 +80,24 @@ def _spans(r):
     return spans + ([cur] if cur else [])
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-def test_greedy_equals_full_forward_reference(arch, tokenizer, problems):
+@pytest.mark.parametrize("arch,batch_size", [("llama", 4), ("qwen2", 4), ("gemma3", 4), ("llama", 64), ("gemma3", 64)])
+def test_greedy_equals_full_forward_reference(arch, batch_size, tokenizer, problems, monkeypatch):
     from exgrpo_fast.data.dialogue import end_of_turn_ids
     from exgrpo_fast.data.tasks import rollout_user_turns
+    from exgrpo_fast.rollout.cache import RowKVCache
 
+    compactions = []
+    select_rows = RowKVCache.select_rows
+    monkeypatch.setattr(RowKVCache, "select_rows", lambda *a: compactions.append(1) or select_rows(*a))
     model = _make_model(arch, len(tokenizer), _stop_id(tokenizer))
     params = SamplingParams(temperature=0.0, max_new_tokens=12, stop_check_every=3)
-    # 5 problems x G=2 in batches of 4 dialogues (2 problems): 3 batches, the last one smaller
-    rollouts = rollout_dialogues(model, tokenizer, problems[:5], group_size=2, params=params, batch_size=4)
+    # 5 problems x G=2: in batches of 4 dialogues (2 problems; 3 batches, the last one smaller), or all 10 in one
+    # batch, where finished rows are compacted away during decoding
+    rollouts = rollout_dialogues(model, tokenizer, problems[:5], group_size=2, params=params, batch_size=batch_size)
+    if batch_size == 4:
+        assert not compactions  # too few rows to be worth it
+    elif arch == "llama":
+        assert compactions  # this model stops most turns early: the compacted path is exercised
     stop = set(end_of_turn_ids(tokenizer))
     n_turns = {len(rollout_user_turns(p)) for p in problems[:5]}
     assert max(n_turns) >= 3

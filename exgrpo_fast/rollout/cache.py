@@ -66,3 +66,21 @@ class RowKVCache:
             out.keys[i][:, :, :used] = k[:, :, :used].repeat_interleave(repeats, dim=0)
             out.values[i][:, :, :used] = v[:, :, :used].repeat_interleave(repeats, dim=0)
         return out
+
+    # -- compaction (eager decode: finished rows stop costing compute) ----------------------------------------------
+    def select_rows(self, rows: torch.Tensor, used: int) -> RowKVCache:
+        """A new cache holding copies of `rows` (their first `used` slots), same max_len."""
+        out = RowKVCache(int(rows.numel()), self.max_len, self.device)
+        for src_list, dst_list in ((self.keys, out.keys), (self.values, out.values)):
+            for src in src_list:
+                _, H, _, D = src.shape
+                dst = torch.zeros((out.batch, H, self.max_len + 1, D), dtype=src.dtype, device=src.device)
+                dst[:, :, :used] = src[rows, :, :used]
+                dst_list.append(dst)
+        return out
+
+    def write_rows(self, dst: RowKVCache, dst_rows: torch.Tensor, src_rows: torch.Tensor, used: int) -> None:
+        """Copy this cache's rows src_rows (first `used` slots) back into dst's rows dst_rows."""
+        for s_list, d_list in ((self.keys, dst.keys), (self.values, dst.values)):
+            for s, d in zip(s_list, d_list):
+                d[:, :, :used].index_copy_(0, dst_rows, s[src_rows, :, :used])

@@ -24,6 +24,7 @@ from exgrpo_fast.rollout.cache import RowKVCache
 from exgrpo_fast.rollout.sampling import sample_next
 
 _KV_BUCKET = 64  # eager mode: attend over the live cache rounded up to this many slots, not all of it
+_MIN_COMPACT_ROWS = 8  # eager mode: below this many rows, compacting finished rows away is not worth a copy
 
 
 def _round_up(x: int, m: int) -> int:
@@ -75,6 +76,13 @@ class DecodeState:
     budget: torch.Tensor  # (B,) int64: max tokens this turn (max_new_tokens, less where the cache is short)
     out: torch.Tensor  # (B, N + 1) int64: sampled tokens; column N is a trash column for finished rows
     seeds: torch.Tensor  # (B,) int64: per-row sampling seeds
+
+    def select(self, rows: torch.Tensor) -> DecodeState:
+        return DecodeState(**{name: getattr(self, name).index_select(0, rows) for name in self.__dataclass_fields__})
+
+    def write_rows(self, dst: DecodeState, dst_rows: torch.Tensor) -> None:
+        for name in self.__dataclass_fields__:
+            getattr(dst, name).index_copy_(0, dst_rows, getattr(self, name))
 
     def copy_(self, other: DecodeState) -> None:
         for name in self.__dataclass_fields__:
@@ -280,12 +288,28 @@ class Chunk:
             state = fresh
         e.record(state, sample_next(logits, e.temperature, e.top_p, state.seeds, state.lens), active_t)
 
+        # Eager mode compacts: when at most half the working rows are still running at a stop check, the running
+        # ones move to a smaller working cache (finished rows stop costing compute); they are written back at the
+        # end. CUDA graphs keep the captured shape instead.
+        full_state, work_state, work_cache, work_rows = state, state, self.cache, None
         start_max = max(self.lens) if self.lens else 0
         for s in range(1, N):
             if (s - 1) % e.stop_check_every == 0:
-                running = bool((~state.done).any())  # sync: stop check every stop_check_every steps
-                if not agree_max(int(running), dev):
+                done_host = work_state.done.tolist()  # sync: stop check every stop_check_every steps
+                n_running = len(done_host) - sum(done_host)
+                if not agree_max(int(n_running > 0), dev):
                     break
+                if not e.use_graphs and len(done_host) >= _MIN_COMPACT_ROWS and 0 < n_running <= len(done_host) // 2:
+                    keep = torch.tensor([i for i, d in enumerate(done_host) if not d], device=dev)
+                    gone = torch.tensor([i for i, d in enumerate(done_host) if d], device=dev)
+                    used = min(self.max_len, start_max + s)  # slots written so far (upper bound)
+                    if work_rows is not None:  # flush the rows that leave the working set
+                        work_state.write_rows(full_state, work_rows)
+                        work_cache.write_rows(self.cache, work_rows[gone], gone, used)
+                        work_rows = work_rows[keep]
+                    else:
+                        work_rows = keep
+                    work_state, work_cache = work_state.select(keep), work_cache.select_rows(keep, used)
             if e.use_graphs:
                 if graph is None:
                     graph = _capture(e, state, self.cache)
@@ -294,7 +318,11 @@ class Chunk:
                 e.forwards += 1
             else:
                 kv_len = min(self.max_len, _round_up(start_max + s, _KV_BUCKET))
-                e.decode_one_token(state, self.cache, kv_len)
+                e.decode_one_token(work_state, work_cache, kv_len)
+        if work_rows is not None:  # write the working rows back
+            used = min(self.max_len, start_max + N)
+            work_state.write_rows(full_state, work_rows)
+            work_cache.write_rows(self.cache, work_rows, torch.arange(len(work_rows), device=dev), used)
 
         # sync: one copy of the sampled tokens per turn
         out, n_gen = state.out.tolist(), state.n_gen.tolist()
