@@ -26,6 +26,8 @@ def _make_model(arch: str, vocab: int, stop_id: int, seed: int = 0, stop_scale: 
         LlamaForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -34,8 +36,10 @@ def _make_model(arch: str, vocab: int, stop_id: int, seed: int = 0, stop_scale: 
     torch.manual_seed(seed)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
-    elif arch == "qwen2":
+    elif arch == "qwen2":  # q/k/v biases
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "qwen3":  # per-head q/k RMSNorm
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))
     elif arch == "gemma3":  # one sliding layer (window 16 < dialogue length) and one full; final logit softcap
         config = Gemma3TextConfig(**common, head_dim=16, sliding_window=16, final_logit_softcapping=30.0,
                                   layer_types=["sliding_attention", "full_attention"])  # fmt: skip
@@ -80,8 +84,13 @@ def _spans(r):
     return spans + ([cur] if cur else [])
 
 
-@pytest.mark.parametrize("arch,batch_size", [("llama", 4), ("qwen2", 4), ("gemma3", 4), ("llama", 64), ("gemma3", 64)])
-def test_greedy_equals_full_forward_reference(arch, batch_size, tokenizer, problems, monkeypatch):
+@pytest.mark.parametrize(
+    "arch,batch_size,lean_forward",
+    [("llama", 4, True), ("llama", 4, False), ("qwen2", 4, True), ("qwen2", 4, False), ("qwen3", 4, True),
+     ("gemma3", 4, True), ("llama", 64, True), ("llama", 64, False), ("gemma3", 64, True)],
+)  # fmt: skip
+def test_greedy_equals_full_forward_reference(arch, batch_size, lean_forward, tokenizer, problems, monkeypatch):
+    """lean_forward=True takes the lean Llama-family forward for llama/qwen2/qwen3 (gemma3 always uses its own)."""
     from exgrpo_fast.data.dialogue import end_of_turn_ids
     from exgrpo_fast.data.tasks import rollout_user_turns
     from exgrpo_fast.rollout.cache import RowKVCache
@@ -89,8 +98,11 @@ def test_greedy_equals_full_forward_reference(arch, batch_size, tokenizer, probl
     compactions = []
     select_rows = RowKVCache.select_rows
     monkeypatch.setattr(RowKVCache, "select_rows", lambda *a: compactions.append(1) or select_rows(*a))
+    from exgrpo_fast.rollout import lean
+
     model = _make_model(arch, len(tokenizer), _stop_id(tokenizer))
-    params = SamplingParams(temperature=0.0, max_new_tokens=12, stop_check_every=3)
+    assert lean.supports(model) == (arch != "gemma3")
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, stop_check_every=3, lean_forward=lean_forward)
     # 5 problems x G=2: in batches of 4 dialogues (2 problems; 3 batches, the last one smaller), or all 10 in one
     # batch, where finished rows are compacted away during decoding
     rollouts = rollout_dialogues(model, tokenizer, problems[:5], group_size=2, params=params, batch_size=batch_size)

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from exgrpo_fast.rollout import lean
 from exgrpo_fast.rollout.cache import RowKVCache
+from exgrpo_fast.rollout.lean import LeanDecoder
 from exgrpo_fast.rollout.sampling import sample_next
 
 _KV_BUCKET = 64  # eager mode: attend over the live cache rounded up to this many slots, not all of it
@@ -96,7 +98,7 @@ class Engine:
     """Model adapter + sampling parameters for one rollout call (any transformers decoder: Llama, Qwen2/3, Gemma)."""
 
     def __init__(self, model, *, temperature: float, top_p: float, max_new_tokens: int, stop_check_every: int,
-                 stop_ids: list[int], pad_id: int, cuda_graphs: bool = True):  # fmt: skip
+                 stop_ids: list[int], pad_id: int, cuda_graphs: bool = True, lean_forward: bool = True):  # fmt: skip
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
         if stop_check_every < 1:
@@ -120,6 +122,8 @@ class Engine:
         self.pad_id = int(pad_id)
         # CUDA graphs replay kernels without the FSDP hooks that gather sharded weights: single process only
         self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda" and world_size() == 1
+        # the lean Llama-family forward reads weights directly: not under FSDP (its hooks gather sharded weights)
+        self.lean = LeanDecoder(model) if lean_forward and world_size() == 1 and lean.supports(model) else None
         params = inspect.signature(type(self.body).forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.forwards = 0  # model forwards run (prefills + decode steps): equal on every rank
@@ -164,14 +168,17 @@ class Engine:
             cache.write_idx = torch.where(valid, slots, cache.max_len)
             position_ids = torch.where(valid, slots, 0)
         cache.kv_len = kv_len
+        mask = self._mask(lens, n, input_ids.shape[1], kv_len)
+        self.forwards += 1
+        if self.lean is not None:
+            return self.lean(input_ids, position_ids, mask, cache)
         out = self.body(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=self._mask(lens, n, input_ids.shape[1], kv_len),
+            attention_mask=mask,
             use_cache=True,
             **{self.cache_kw: cache},
         )
-        self.forwards += 1
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
