@@ -6,10 +6,12 @@ A Chunk is one batch of rows (dialogues) sharing one preallocated cache sized fo
     prefill(pending)                     extend each row with its new tokens only (closed turn + next user turn)
     decode(...)                          ... and so on, turn by turn.
 
-decode_step is a pure function of fixed-shape device tensors (DecodeState + the cache), so on CUDA it is captured
-once per chunk shape in a CUDA graph and replayed; on CPU the same function runs eagerly. Host syncs: the stop check
-every `stop_check_every` steps (one bool, all-reduced across ranks when torch.distributed is initialised so that all
-ranks run the same number of forwards and FSDP all-gathers stay in step) and one copy of the sampled tokens per turn.
+decode_one_token is a pure function of fixed-shape device tensors (DecodeState + the cache), so on CUDA it is
+captured in a CUDA graph once per batch shape and bucket of attended slots (the live cache length rounded up to 256,
+so a step reads the live cache, not all of it) and replayed; on CPU the same function runs eagerly. Host syncs: the
+stop check every `stop_check_every` steps (all-reduced across ranks when torch.distributed is initialised so that
+all ranks run the same number of forwards and FSDP all-gathers stay in step) and one copy of the sampled tokens per
+turn.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from exgrpo_fast.rollout.lean import LeanDecoder
 from exgrpo_fast.rollout.sampling import sample_next
 
 _KV_BUCKET = 64  # eager mode: attend over the live cache rounded up to this many slots, not all of it
+_GRAPH_KV_BUCKET = 256  # CUDA graphs: one captured decode step per this many attended slots
 _MIN_COMPACT_ROWS = 8  # eager mode: below this many rows, compacting finished rows away is not worth a copy
 
 
@@ -283,16 +286,14 @@ class Chunk:
             out=torch.full((B, N + 1), e.pad_id, dtype=torch.int64, device=dev),
             seeds=self.seeds,
         )
-        graph = None
-        if e.use_graphs:
+        state = fresh
+        if e.use_graphs:  # graphs read fixed addresses: one state per batch shape, refilled in place
             key = ("state", B, self.max_len)
             if key in self.reuse:
-                state, graph = self.reuse[key]
+                state = self.reuse[key]
                 state.copy_(fresh)
             else:
-                state = fresh
-        else:
-            state = fresh
+                self.reuse[key] = state
         e.record(state, sample_next(logits, e.temperature, e.top_p, state.seeds, state.lens), active_t)
 
         # Eager mode compacts: when at most half the working rows are still running at a stop check, the running
@@ -317,11 +318,13 @@ class Chunk:
                     else:
                         work_rows = keep
                     work_state, work_cache = work_state.select(keep), work_cache.select_rows(keep, used)
-            if e.use_graphs:
-                if graph is None:
-                    graph = _capture(e, state, self.cache)
-                    self.reuse[("state", B, self.max_len)] = (state, graph)
-                graph.replay()
+            if e.use_graphs:  # one graph per (batch shape, attended-slots bucket), captured on first use
+                kv_len = min(self.max_len, _round_up(start_max + s, _GRAPH_KV_BUCKET))
+                gkey = ("graph", B, self.max_len, kv_len)
+                if gkey not in self.reuse:
+                    pool = self.reuse.setdefault("pool", torch.cuda.graph_pool_handle())
+                    self.reuse[gkey] = _capture(e, state, self.cache, kv_len, pool)
+                self.reuse[gkey].replay()
                 e.forwards += 1
             else:
                 kv_len = min(self.max_len, _round_up(start_max + s, _KV_BUCKET))
@@ -347,20 +350,21 @@ class Chunk:
         return results
 
 
-def _capture(e: Engine, state: DecodeState, cache: RowKVCache) -> torch.cuda.CUDAGraph:
-    """Capture decode_one_token over the whole cache (kv_len = max_len, a fixed shape) in a CUDA graph. The warm-up
-    steps advance the state and scribble past each row's live slots; the state is restored afterwards (the scribbled
-    slots lie beyond lens and are overwritten before they are read). Untested on a GPU in this repository so far."""
+def _capture(e: Engine, state: DecodeState, cache: RowKVCache, kv_len: int, pool) -> torch.cuda.CUDAGraph:
+    """Capture decode_one_token attending over the first kv_len slots in a CUDA graph. The warm-up steps advance the
+    state and scribble past each row's live slots; the state is restored afterwards (the scribbled slots lie beyond
+    lens and are overwritten before they are read). All graphs of a call share one memory pool: they only hold
+    intermediates, and replays are sequential on one stream. Untested on a GPU in this repository so far."""
     backup = state.clone()
     stream = torch.cuda.Stream(device=e.device)
     stream.wait_stream(torch.cuda.current_stream(e.device))
     with torch.cuda.stream(stream):
         for _ in range(2):  # warm-up: lazy inits, cuBLAS workspaces, allocator
-            e.decode_one_token(state, cache, cache.max_len)
+            e.decode_one_token(state, cache, kv_len)
     torch.cuda.current_stream(e.device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        e.decode_one_token(state, cache, cache.max_len)
+    with torch.cuda.graph(graph, pool=pool):
+        e.decode_one_token(state, cache, kv_len)
     e.forwards -= 3  # warm-up and capture are not decode steps of the rollout
     state.copy_(backup)
     return graph
