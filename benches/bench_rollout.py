@@ -135,6 +135,32 @@ def run_hf(model, tok, problems, G, params, turns, batch):
     return sampled
 
 
+@torch.no_grad()
+def decode_roofline(model, batch: int, context: int, steps: int, device) -> tuple[float, float]:
+    """(ms per decode step of our engine at `batch` rows with `context` cached tokens each, ms to read the weights
+    and that live KV cache once at the measured copy bandwidth). No stop token, so every step decodes every row."""
+    from benches._common import copy_bandwidth_gbs
+    from exgrpo_fast.rollout.engine import Chunk, Engine
+
+    e = Engine(model, temperature=1.0, top_p=1.0, max_new_tokens=steps, stop_check_every=steps + 1, stop_ids=[-1],
+               pad_id=0)  # fmt: skip
+    chunk = Chunk(e, batch, context + steps + 1, list(range(batch)))
+    logits = chunk.prefill_prompts([[5] * context] * batch, 1)
+    chunk.decode(logits, [True] * batch)  # warm-up and graph capture
+    chunk = Chunk(e, batch, context + steps + 1, list(range(batch)), reuse=chunk.reuse)
+    logits = chunk.prefill_prompts([[5] * context] * batch, 1)
+    sync(device)
+    t0 = time.perf_counter()
+    chunk.decode(logits, [True] * batch)
+    sync(device)
+    step_ms = (time.perf_counter() - t0) / (steps - 1) * 1e3
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_bytes = sum(k.numel() * k.element_size() for k in chunk.cache.keys + chunk.cache.values)
+    live = (context + steps / 2) / (chunk.max_len + 1)  # the mean live fraction of the cache over the run
+    gbs = copy_bandwidth_gbs(device) or float("nan")
+    return step_ms, (weight_bytes + kv_bytes * live) / (gbs * 1e9) * 1e3
+
+
 def timed(fn, device) -> tuple[float, int]:
     sync(device)
     t0 = time.perf_counter()
@@ -210,6 +236,14 @@ def main() -> None:
                              "threads": torch.get_num_threads(), "turns": turns, "batch": P * G, "group_size": G,
                              "max_new_tokens": params.max_new_tokens, "provider": name, "tokens": n,
                              "seconds": round(secs, 4), "tokens_per_s": round(tps, 1)})  # fmt: skip
+    if device.type == "cuda":  # issue 13: a decode step within 2x of reading the weights and the live KV cache once
+        for batch in batches:
+            step_ms, bound_ms = decode_roofline(model, batch, context=512, steps=64, device=device)
+            print(f"decode step, batch {batch}, 512 cached tokens: {step_ms:.3f} ms vs {bound_ms:.3f} ms to read "
+                  f"weights + live KV once (x{step_ms / bound_ms:.2f})")  # fmt: skip
+            rows.append({**facts, "preset": preset, "dtype": str(dtype).replace("torch.", ""), "turns": 0,
+                         "batch": batch, "provider": "ours-decode-step", "seconds": step_ms / 1e3,
+                         "roofline_seconds": bound_ms / 1e3})  # fmt: skip
     out = write_csv("bench_rollout", rows)
     print(f"wrote {out}")
 

@@ -71,3 +71,11 @@ def test_bench_e2e_trl_runs(tiny):
     for s in steps:
         assert s["rollout_tokens"] > 0 and s["trained_tokens"] > s["rollout_tokens"] and s["seconds"] > 0
         assert s["reward"] == s["reward"] and s["loss"] == s["loss"]  # logged, not NaN
+
+
+def test_bench_rollout_decode_roofline_runs(tiny):
+    from benches import bench_rollout as b
+
+    _, model, _ = tiny
+    step_ms, bound_ms = b.decode_roofline(model, batch=2, context=16, steps=4, device=torch.device("cpu"))
+    assert step_ms > 0 and bound_ms != bound_ms  # no bandwidth figure on CPU: NaN, not a made-up number
