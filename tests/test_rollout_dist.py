@@ -28,7 +28,8 @@ def _sample(model, tokenizer, problems, rank: int):
     from exgrpo_fast.rollout import SamplingParams, rollout_dialogues
 
     forwards = []
-    hook = model.get_decoder().register_forward_pre_hook(lambda *_: forwards.append(1))
+    # every model forward starts at the input embedding (in the transformers forward and the lean one alike)
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda *_: forwards.append(1))
     params = SamplingParams(temperature=1.0, max_new_tokens=16, stop_check_every=2)
     rs = rollout_dialogues(model, tokenizer, problems, group_size=2, params=params, batch_size=2,
                            generator=torch.Generator().manual_seed(100 + rank))  # fmt: skip
