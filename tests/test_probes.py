@@ -5,14 +5,8 @@ import re
 
 import pytest
 
-from exgrpo_fast.data.probes import (
-    TEMPLATES,
-    consistency,
-    parse_probe,
-    recompute_probe_answer,
-    write_probes_with_teacher,
-)
-from exgrpo_fast.data.tasks import make_problems
+from exgrpo_fast.data.probes import TEMPLATES, consistency, parse_probe, write_probes_with_teacher
+from exgrpo_fast.data.tasks import make_problems, recompute_probe_answer
 
 
 def user_problems(n=4):
@@ -102,7 +96,7 @@ def test_problems_with_probes_pass_through(tmp_path):
     ds = write_probes_with_teacher(built + user_problems(1), "fake/teacher", k=2, cache_dir=str(tmp_path),
                                    generate_fn=t)
     rows = ds.to_list()
-    assert [r["probes"] for r in rows[:2]] == [p["probes"] for p in built] and rows[0]["teacher"] == ""
+    assert [r["probes"] for r in rows[:2]] == [p.to_dict()["probes"] for p in built] and rows[0]["teacher"] == ""
     assert len(rows[2]["probes"]) == 2 and t.calls > 0
     for r in rows[:2]:  # symbolic answers still recompute from meta after the round trip
         meta = json.loads(r["meta"])

@@ -95,9 +95,9 @@ def test_teacher_dialogues_score_full_marks(split):
         replies = [by_question[q] for q in rollout_user_turns(p)]
         r = score_dialogue(p, replies)
         assert (r["task"], r["probe"], r["dsu"], r["format"]) == (1.0, 1.0, 1.0, 1.0), (p, replies)
-        assert all(r[f"probe_{q['kind']}"] == 1.0 for q in p["probes"] if q["kind"] != "explain")
+        assert all(r[f"probe_{q.kind}"] == 1.0 for q in p.probes if q.kind != "explain")
         assert "probe_explain" not in r
-        wrong = score_dialogue(p, [f"Answer: {int(p['answer']) + 1}"] + replies[1:])
+        wrong = score_dialogue(p, [f"Answer: {int(p.answer) + 1}"] + replies[1:])
         assert (wrong["task"], wrong["dsu"]) == (0.0, 0.0)
 
 
