@@ -10,6 +10,7 @@ prints one line and writes JSON.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from exgrpo_fast.checkpoint import resolve_checkpoint
-from exgrpo_fast.config import parse_eval_args
+from exgrpo_fast.config import ConfigError, parse_eval_args
 from exgrpo_fast.data.problem import Problem
 from exgrpo_fast.data.tasks import builtin_splits
 from exgrpo_fast.model.loading import load_model
@@ -63,7 +64,11 @@ def format_eval(metrics: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_eval_args(argv)
+    try:
+        args = parse_eval_args(argv)
+    except ConfigError as e:  # a user error: one message, exit code 2, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     ckpt = Path(args.ckpt)
     if not (ckpt / "config.json").is_file() or (ckpt / "metrics.jsonl").is_file():
         ckpt = resolve_checkpoint(ckpt)

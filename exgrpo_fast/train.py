@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -49,7 +50,7 @@ from transformers.utils import logging as hf_logging
 
 from exgrpo_fast import checkpoint as ckpt_lib
 from exgrpo_fast import ops
-from exgrpo_fast.config import TrainConfig, parse_args, to_toml
+from exgrpo_fast.config import ConfigError, TrainConfig, parse_args, to_toml
 from exgrpo_fast.data.dialogue import encode_dialogue
 from exgrpo_fast.data.packing import PackedBatch, pack_sequences
 from exgrpo_fast.data.probes import write_probes_with_teacher
@@ -738,7 +739,11 @@ def _all_reduce_mean(m: dict, device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg, args = parse_args(argv)
+    try:
+        cfg, args = parse_args(argv)
+    except ConfigError as e:  # a user error: one message, exit code 2, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     return train(cfg, resume=args.resume or None)
 
 

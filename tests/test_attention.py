@@ -8,17 +8,29 @@ from exgrpo_fast.data.packing import pack_sequences
 from exgrpo_fast.model import attention
 from exgrpo_fast.model.forward import packed_hidden, packed_logits
 
-COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256)
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
     "qwen2": lambda: Qwen2Config(**COMMON),
     "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
     "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
     # sliding-window layers (window 5, shorter than the sequences) alternate with full ones
-    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=5, final_logit_softcapping=None,
-                                       attn_logit_softcapping=None, layer_types=["sliding_attention",
-                                                                                 "full_attention"]),
+    "gemma3": lambda: Gemma3TextConfig(
+        **COMMON,
+        head_dim=16,
+        sliding_window=5,
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
 }
 
 
@@ -103,8 +115,16 @@ def test_tokens_beyond_cu_seqlens_get_zero_output():
     layer = torch.nn.Module()
     attention.bind_backend(layer, "sdpa_ref")
     out, _ = attention.packed_attention_forward(
-        layer, q, k, v, None, scaling=0.25, cu_seq_lens_q=torch.tensor([0, 3, 7], dtype=torch.int32),
-        max_length_q=4, seq_lens_host=(3, 4), total_tokens=7,
+        layer,
+        q,
+        k,
+        v,
+        None,
+        scaling=0.25,
+        cu_seq_lens_q=torch.tensor([0, 3, 7], dtype=torch.int32),
+        max_length_q=4,
+        seq_lens_host=(3, 4),
+        total_tokens=7,
     )
     assert out.shape == (1, 10, 4, 16)
     assert torch.count_nonzero(out[0, 7:]) == 0
@@ -167,8 +187,9 @@ def test_cuda_backends_match_reference(backend, name):
     def run(backend_name):
         attention.bind_backend(model, attention.select_backend("cuda", backend_name))
         hidden = packed_hidden(model, batch)
-        upstream = torch.randn(hidden.shape, generator=torch.Generator("cuda").manual_seed(1), device="cuda",
-                               dtype=hidden.dtype)
+        upstream = torch.randn(
+            hidden.shape, generator=torch.Generator("cuda").manual_seed(1), device="cuda", dtype=hidden.dtype
+        )
         grads = torch.autograd.grad((hidden * upstream).float().sum(), params, allow_unused=True)
         return hidden.float(), grads
 

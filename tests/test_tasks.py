@@ -79,8 +79,9 @@ def test_problem_types_check_their_fields():
     with pytest.raises(ValueError, match="probe kind 'guess'"):
         Probe("guess", "q", "a")
     with pytest.raises(ValueError, match="probe kind"):
-        Problem.from_dict({"id": "x", "question": "q", "answer": "1", "probes": [{"kind": "nope", "question": "q",
-                                                                                   "answer": "1"}]})
+        Problem.from_dict(
+            {"id": "x", "question": "q", "answer": "1", "probes": [{"kind": "nope", "question": "q", "answer": "1"}]}
+        )
     assert Dialogue.of(("user", "hi"), ("assistant", "yo"))[1] == {"role": "assistant", "content": "yo"}
 
 

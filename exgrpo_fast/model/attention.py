@@ -164,8 +164,19 @@ def _flash_attn(q, k, v, cu, max_len, scaling, sliding_window, softcap):
     from flash_attn import flash_attn_varlen_func
 
     window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
-    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scaling, causal=True,
-                                  window_size=window, softcap=softcap or 0.0)
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu,
+        cu,
+        max_len,
+        max_len,
+        softmax_scale=scaling,
+        causal=True,
+        window_size=window,
+        softcap=softcap or 0.0,
+    )
 
 
 def _flash_attn_cute(q, k, v, cu, max_len, scaling, sliding_window):
@@ -192,8 +203,18 @@ def packed_attention_forward(
     """transformers attention function: varlen attention when packing kwargs are present, SDPA otherwise."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, softcap=softcap, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            **kwargs,
+        )
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one packed row, got batch size {query.shape[0]}")
     if dropout and module.training:
