@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from exgrpo_fast.checkpoint import resolve_checkpoint
 from exgrpo_fast.config import ConfigError, parse_eval_args
@@ -27,8 +28,8 @@ from exgrpo_fast.rollout import SamplingParams, rollout_dialogues
 
 
 def evaluate(
-    model,
-    tokenizer,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     splits: Mapping[str, list[Problem]],
     *,
     reward_cfg: RewardConfig | None = None,
