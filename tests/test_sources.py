@@ -31,24 +31,36 @@ def write_parquet(path, rows):
     return path
 
 
-@pytest.mark.parametrize("text, answer, rationale", [
-    (GSM, "72", GSM.rsplit("####", 1)[0].strip()), ("#### 1,000", "1000", ""), ("42", "42", ""),
-    ("$1,234.50", "1234.50", ""), (" Paris ", "Paris", ""), (7, "7", ""), (2.5, "2.5", ""), (3.0, "3", ""),
-])
+@pytest.mark.parametrize(
+    "text, answer, rationale",
+    [
+        (GSM, "72", GSM.rsplit("####", 1)[0].strip()),
+        ("#### 1,000", "1000", ""),
+        ("42", "42", ""),
+        ("$1,234.50", "1234.50", ""),
+        (" Paris ", "Paris", ""),
+        (7, "7", ""),
+        (2.5, "2.5", ""),
+        (3.0, "3", ""),
+    ],
+)
 def test_parse_answer(text, answer, rationale):
     assert parse_answer(text) == (answer, rationale)
 
 
-@pytest.mark.parametrize("bad", [None, "", "   ", "work #### ", "steps #### seventy", "#### x", True, float("nan"),
-                                 [1]])
+@pytest.mark.parametrize(
+    "bad", [None, "", "   ", "work #### ", "steps #### seventy", "#### x", True, float("nan"), [1]]
+)
 def test_parse_answer_rejects(bad):
     with pytest.raises(ValueError):
         parse_answer(bad)
 
 
 def test_gsm8k_jsonl(tmp_path):
-    f = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "Natalia sold clips...", "answer": GSM},
-                                               {"question": "Q2", "answer": "So 5 #### 5"}])
+    f = write_jsonl(
+        tmp_path / "gsm8k.jsonl",
+        [{"question": "Natalia sold clips...", "answer": GSM}, {"question": "Q2", "answer": "So 5 #### 5"}],
+    )
     probs = load_problems(f)
     assert [p["answer"] for p in probs] == ["72", "5"]
     assert probs[0]["rationale"].endswith("72 clips.") and "####" not in probs[0]["rationale"]
@@ -59,8 +71,10 @@ def test_gsm8k_jsonl(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet"])
 def test_every_format_and_custom_fields(tmp_path, fmt):
-    rows = [{"problem": "What is 2+2?", "solution": "#### 4", "id": "a"},
-            {"problem": "What is 1,000+1?", "solution": "1,001", "id": "b"}]
+    rows = [
+        {"problem": "What is 2+2?", "solution": "#### 4", "id": "a"},
+        {"problem": "What is 1,000+1?", "solution": "1,001", "id": "b"},
+    ]
     f = tmp_path / f"data.{fmt}"
     if fmt == "jsonl":
         write_jsonl(f, rows)
@@ -71,8 +85,10 @@ def test_every_format_and_custom_fields(tmp_path, fmt):
     else:
         write_parquet(f, rows)
     probs = load_problems(f, question_field="problem", answer_field="solution")
-    assert [(p["id"], p["question"], p["answer"]) for p in probs] == [("a", "What is 2+2?", "4"),
-                                                                     ("b", "What is 1,000+1?", "1001")]
+    assert [(p["id"], p["question"], p["answer"]) for p in probs] == [
+        ("a", "What is 2+2?", "4"),
+        ("b", "What is 1,000+1?", "1001"),
+    ]
 
 
 def test_rows_with_probes(tmp_path):
@@ -87,16 +103,27 @@ def test_rows_with_probes(tmp_path):
 GOOD = {"question": "q", "answer": "1"}
 
 
-@pytest.mark.parametrize("bad_row, why", [
-    ({"answer": "1"}, "missing field 'question'"), ({"question": "q"}, "missing field 'answer'"),
-    ({"question": "  ", "answer": "1"}, "empty question"), ({"question": "q", "answer": "x #### "}, "####"),
-    ("{not json", "bad JSON"),
-])
+@pytest.mark.parametrize(
+    "bad_row, why",
+    [
+        ({"answer": "1"}, "missing field 'question'"),
+        ({"question": "q"}, "missing field 'answer'"),
+        ({"question": "  ", "answer": "1"}, "empty question"),
+        ({"question": "q", "answer": "x #### "}, "####"),
+        ("{not json", "bad JSON"),
+    ],
+)
 def test_malformed_jsonl_names_file_and_line(tmp_path, bad_row, why):
     # a blank line before the bad one: line numbers are the file's, not the row index
     f = tmp_path / "m.jsonl"
-    f.write_text(json.dumps(GOOD) + "\n\n" + json.dumps(GOOD) + "\n" +
-                 (bad_row if isinstance(bad_row, str) else json.dumps(bad_row)) + "\n")
+    f.write_text(
+        json.dumps(GOOD)
+        + "\n\n"
+        + json.dumps(GOOD)
+        + "\n"
+        + (bad_row if isinstance(bad_row, str) else json.dumps(bad_row))
+        + "\n"
+    )
     with pytest.raises(ValueError, match=rf"m\.jsonl: line 4: .*{why}"):
         load_problems(f)
 
@@ -191,8 +218,15 @@ def test_bad_values_named_with_file_and_line(tmp_path, line, why):
 
 
 def test_numbers_in_range_are_kept_exactly(tmp_path):
-    f = write_jsonl(tmp_path / "n.jsonl", [{"question": "q", "answer": 10**300}, {"question": "q", "answer": 2.5},
-                                           {"question": "q", "answer": -1e20}, {"question": "q", "answer": "1e5"}])
+    f = write_jsonl(
+        tmp_path / "n.jsonl",
+        [
+            {"question": "q", "answer": 10**300},
+            {"question": "q", "answer": 2.5},
+            {"question": "q", "answer": -1e20},
+            {"question": "q", "answer": "1e5"},
+        ],
+    )
     assert [p["answer"] for p in load_problems(f)] == [str(10**300), "2.5", "-100000000000000000000", "1e5"]
 
 
@@ -204,7 +238,7 @@ def test_bad_utf8_named_with_line(tmp_path):
     with pytest.raises(DataError, match=r"u\.jsonl: line 2: not valid UTF-8 \(byte 0xe9 at column 18\)"):
         load_problems(f)
     f = tmp_path / "u.csv"
-    f.write_bytes(b"question,answer\nq,1\n\"multi\nline\",2\nq\xff,3\n")
+    f.write_bytes(b'question,answer\nq,1\n"multi\nline",2\nq\xff,3\n')
     with pytest.raises(DataError, match=r"u\.csv: line 5: not valid UTF-8 \(byte 0xff\)"):
         load_problems(f)
     f = tmp_path / "u.json"
@@ -232,8 +266,10 @@ def test_on_error_skip_keeps_valid_rows_and_counts(tmp_path, caplog):
     from exgrpo_fast.errors import ConfigError, DataError
 
     f = tmp_path / "s.jsonl"
-    f.write_bytes(b'{"question": "a", "answer": "1"}\n{"question": "b", "answer": NaN}\n{bad\n'
-                  b'{"question": "c\xff", "answer": "3"}\n{"question": "d", "answer": 4}\n')
+    f.write_bytes(
+        b'{"question": "a", "answer": "1"}\n{"question": "b", "answer": NaN}\n{bad\n'
+        b'{"question": "c\xff", "answer": "3"}\n{"question": "d", "answer": 4}\n'
+    )
     loaded = read_problems(f, on_error="skip")
     assert [(p["question"], p["answer"]) for p in loaded.problems] == [("a", "1"), ("d", "4")]
     assert [e.where for e in loaded.skipped] == ["line 2", "line 3", "line 4"]
