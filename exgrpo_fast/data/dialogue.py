@@ -11,6 +11,10 @@ those tokens exist, else plain `role: content\\n` lines.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
+from exgrpo_fast.data.problem import Dialogue, Turn
+
 _BUILTIN = ("<|user|>", "<|assistant|>", "<|end|>")
 
 
@@ -30,23 +34,27 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _check_turns(turns: list[dict]) -> None:
+def _check_turns(turns: Iterable[Turn]) -> list[Turn]:
+    """The turns as a list (a Dialogue or any sequence of {"role", "content"} dicts), checked."""
+    turns = list(turns)
     if not turns:
         raise ValueError("turns is empty")
     for i, t in enumerate(turns):
-        if t.get("role") not in ("user", "assistant", "system") or not isinstance(t.get("content"), str):
+        ok = isinstance(t, Mapping) and t.get("role") in ("user", "assistant", "system")
+        if not ok or not isinstance(t.get("content"), str):
             raise ValueError(f"turn {i} must be {{'role': 'user'|'assistant'|'system', 'content': str}}, got {t!r}")
+    return turns
 
 
-def encode_prompt(tokenizer, turns: list[dict]) -> list[int]:
+def encode_prompt(tokenizer, turns: Dialogue | Iterable[Turn]) -> list[int]:
     """Ids of the dialogue so far followed by the assistant generation prompt (what sampling continues from)."""
-    _check_turns(turns)
+    turns = _check_turns(turns)
     return _ids(tokenizer, _render(tokenizer, turns, add_generation_prompt=True))
 
 
-def encode_dialogue(tokenizer, turns: list[dict]) -> tuple[list[int], list[bool]]:
+def encode_dialogue(tokenizer, turns: Dialogue | Iterable[Turn]) -> tuple[list[int], list[bool]]:
     """(input_ids, loss_mask) of a whole dialogue; loss_mask is True on assistant-produced tokens only."""
-    _check_turns(turns)
+    turns = _check_turns(turns)
     stops = set(end_of_turn_ids(tokenizer))
     ids: list[int] = []
     mask: list[bool] = []

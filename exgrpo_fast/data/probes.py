@@ -1,7 +1,7 @@
-"""Explanatory probes: the symbolic teacher of the built-in task, and an HF teacher for user problems.
+"""Explanatory probes written by an HF teacher model for user problems, checked by self-consistency and cached.
 
-Symbolic (the built-in task, used by exgrpo_fast.data.tasks.make_problems): `write_symbolic_probes` writes exact
-probes from a chain; `tasks.recompute_probe_answer` re-derives each answer from meta by other arithmetic (the check).
+The built-in task's symbolic teacher lives with the task (exgrpo_fast.data.tasks.write_probes); this module is the
+teacher for user problems. Both depend on exgrpo_fast.data.problem only, never on each other.
 
 HF teacher (`write_probes_with_teacher`), per problem:
 
@@ -12,9 +12,10 @@ HF teacher (`write_probes_with_teacher`), per problem:
        the probe alone; a probe is kept when the fraction of re-answers matching its written answer is at least
        `min_consistency` (default: all of them). Problems short of K kept probes get `rounds - 1` more draws.
 
-The result is a datasets.Dataset of problems (probes filled in) with provenance columns: teacher, probe_template
+The result is a datasets.Dataset of problem rows (probes filled in) with provenance columns: teacher, probe_template
 (the template kind of each kept probe), probe_consistency (its agreement fraction), probe_candidates (how many
-probes the teacher wrote for the problem). It is saved under cache_dir, keyed by a hash of (problems, teacher path
+probes the teacher wrote for the problem); the trainer turns its rows into Problems (Problem.from_dict): this cache
+is one of the two edges where `datasets` appears. It is saved under cache_dir, keyed by a hash of (problems, teacher path
 and config hash, templates, seed, k, generation settings); a second call with the same inputs loads it and never
 calls the teacher. Problems that already carry probes pass through unchanged (teacher = "").
 """
@@ -28,11 +29,10 @@ import random
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from exgrpo_fast.data import tasks
-from exgrpo_fast.data.tasks import CHECKABLE, ArithConfig, recompute_probe_answer  # noqa: F401 - re-exported
+from exgrpo_fast.data.problem import CHECKABLE, Problem, as_problem
 from exgrpo_fast.rewards import answers_match, extract_answer
 
 CACHE_VERSION = 1
@@ -61,55 +61,6 @@ _WRITTEN_ANSWER = re.compile(r"answer\s*:\s*(.+?)\s*(?:\n|$)", re.IGNORECASE)
 _NUMBER = re.compile(r"\d")
 
 GenerateFn = Callable[[list[str]], list[str]]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the symbolic teacher (built-in task)
-
-
-def write_symbolic_probes(rng: random.Random, meta: dict, cfg: ArithConfig) -> list[dict]:
-    """The symbolic teacher of the built-in task: exact probes for the chain in meta, cfg.num_probes checkable kinds
-    drawn without replacement (plus explain when cfg.include_explain). Each probe's parameters (the changed start,
-    the step, the candidate) are recorded in meta["probes"], so every answer can be recomputed from meta."""
-    name, item, start, ops = meta["name"], meta["item"], meta["start"], meta["ops"]
-    pronoun = tasks.PRONOUNS[name].lower()
-    values = tasks.run_chain(start, ops)
-    final = values[-1]
-    kinds = rng.sample(list(cfg.probe_kinds), cfg.num_probes)
-    probes, params = [], []
-    for kind in kinds:
-        if kind == "inverse":
-            q = f"{tasks._question(name, item, None, ops)} Now {pronoun} has {final}. How many at first?"
-            probes.append({"kind": kind, "question": q, "answer": str(start)})
-            params.append({"kind": kind})
-        elif kind == "counterfactual":
-            new_start = start + rng.choice([-1, 1]) * rng.randint(1, 3)
-            low = max(0, -min(tasks.run_chain(0, ops)))  # smallest start that never goes below zero
-            new_start = max(new_start, low + 1)
-            if new_start == start:
-                new_start += 1
-            q = f"If {pronoun} had {new_start} at first, how many now?"
-            probes.append({"kind": kind, "question": q, "answer": str(tasks.run_chain(new_start, ops)[-1])})
-            params.append({"kind": kind, "start": new_start})
-        elif kind == "step":
-            k = rng.randint(1, len(ops))
-            q = f"How many after step {k}?"
-            probes.append({"kind": kind, "question": q, "answer": str(values[k])})
-            params.append({"kind": kind, "step": k})
-        else:  # verify
-            right = rng.random() < 0.5
-            candidate = final if right else final + rng.choice([-1, 1]) * rng.randint(1, 3)
-            if candidate < 0:
-                candidate = final + rng.randint(1, 3)
-            q = f"Is {candidate} right?"
-            probes.append({"kind": kind, "question": q, "answer": "yes" if candidate == final else "no"})
-            params.append({"kind": kind, "candidate": candidate})
-    if cfg.include_explain:
-        steps = " and ".join(f"{values[i]}{op}{n}={values[i + 1]}" for i, (op, n) in enumerate(ops))
-        probes.append({"kind": "explain", "question": "Why?", "answer": f"Because {steps}."})
-        params.append({"kind": "explain"})
-    meta["probes"] = params
-    return probes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,8 +158,8 @@ def teacher_config_hash(teacher_path: str) -> str:
 # writing probes with the teacher
 
 
-def _as_list(problems) -> list[dict]:
-    return [dict(p) for p in problems]
+def _as_rows(problems: Iterable[Problem | Mapping]) -> list[dict]:
+    return [as_problem(p).to_dict() for p in problems]
 
 
 def cache_key(problems: list[dict], teacher_path: str, *, k: int, seed: int, max_new_tokens: int, n_checks: int,
@@ -224,14 +175,14 @@ def cache_key(problems: list[dict], teacher_path: str, *, k: int, seed: int, max
 
 
 def write_probes_with_teacher(
-    problems, teacher_path: str, *, k: int = 3, cache_dir: str, seed: int = 0, max_new_tokens: int = 64,
+    problems: Iterable[Problem | Mapping], teacher_path: str, *, k: int = 3, cache_dir: str, seed: int = 0, max_new_tokens: int = 64,
     generate_fn: GenerateFn | None = None, n_checks: int = 2, min_consistency: float = 1.0, rounds: int = 2,
     kinds: Sequence[str] = CHECKABLE,
 ):
     """Problems with up to k teacher-written, self-consistent probes each, as a datasets.Dataset (cached).
 
-    problems: list of problem dicts or a Dataset; teacher_path: local HF checkpoint (loaded only on a cache miss and
-    only when generate_fn is None); generate_fn: prompts -> completions, replaces the HF teacher (tests, servers).
+    problems: Problems or problem rows (dicts, a Dataset); teacher_path: local HF checkpoint (loaded only on a cache
+    miss and only when generate_fn is None); generate_fn: prompts -> completions, replaces the HF teacher (tests, servers).
     """
     from datasets import Dataset
 
@@ -241,7 +192,7 @@ def write_probes_with_teacher(
     bad = set(kinds) - set(TEMPLATES)
     if bad or not kinds:
         raise ValueError(f"kinds={list(kinds)}: expected some of {sorted(TEMPLATES)}")
-    problems = _as_list(problems)
+    problems = _as_rows(problems)
     if not problems:
         raise ValueError("write_probes_with_teacher: no problems")
     key = cache_key(problems, teacher_path, k=k, seed=seed, max_new_tokens=max_new_tokens, n_checks=n_checks,
