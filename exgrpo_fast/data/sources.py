@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from exgrpo_fast.data.tasks import PROBE_KINDS
+from exgrpo_fast.data.problem import PROBE_KINDS
 from exgrpo_fast.errors import ConfigError, DataError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
