@@ -1,4 +1,5 @@
-"""Greedy evaluation of any checkpoint: `python -m exgrpo_fast.eval CKPT [--n 64] [--out eval.json]`.
+"""Greedy evaluation of any checkpoint: `python -m exgrpo_fast.eval CKPT [--n 64] [--out eval.json]` (flags: --help;
+the command line is config.EvalArgs, parsed by the same tyro set-up as training's).
 
 For each held-out split (test_id: in-distribution, test_ood: out-of-distribution) the student answers the question
 and then every probe greedily, each turn conditioned on its own earlier answers (the same multi-turn rollout as
@@ -8,30 +9,35 @@ prints one line and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from exgrpo_fast.checkpoint import resolve_checkpoint
+from exgrpo_fast.config import ConfigError, parse_eval_args
+from exgrpo_fast.data.problem import Problem
+from exgrpo_fast.data.tasks import builtin_splits
+from exgrpo_fast.model.loading import load_model
+from exgrpo_fast.rewards import RewardConfig, score_dialogue
 from exgrpo_fast.rollout import SamplingParams, rollout_dialogues
 
 
 def evaluate(
     model,
     tokenizer,
-    splits: dict[str, list[dict]],
+    splits: Mapping[str, list[Problem]],
     *,
-    reward_cfg=None,
+    reward_cfg: RewardConfig | None = None,
     max_new_tokens: int = 24,
     batch_size: int = 64,
     include_probes: bool = True,
 ) -> dict[str, float]:
     """{acc_<split>, probe_acc_<split>, reward_<split>} from greedy multi-turn rollouts (split names shortened:
     test_id -> id, test_ood -> ood)."""
-    from exgrpo_fast.rewards import RewardConfig, score_dialogue
-
     reward_cfg = reward_cfg if reward_cfg is not None else RewardConfig()
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
     out: dict[str, float] = {}
@@ -58,41 +64,26 @@ def format_eval(metrics: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m exgrpo_fast.eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt", help="HF checkpoint dir (or a run dir: its newest checkpoint)")
-    p.add_argument("--n", type=int, default=64, help="problems per held-out split")
-    p.add_argument("--seed", type=int, default=0, help="seed of the built-in problem generator")
-    p.add_argument("--data", default="", help="user problems file (JSONL/Parquet/CSV) evaluated as test_id")
-    p.add_argument("--max_new_tokens", type=int, default=24, help="max tokens per turn")
-    p.add_argument("--batch_size", type=int, default=64, help="dialogues per KV cache")
-    p.add_argument("--no_probes", action="store_true", help="answer the question only")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--out", default="", help="JSON output path (default CKPT/eval.json)")
-    args = p.parse_args(argv)
-
-    from exgrpo_fast.model.loading import load_model
-
+    try:
+        args = parse_eval_args(argv)
+    except ConfigError as e:  # a user error: one message, exit code 2, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     ckpt = Path(args.ckpt)
     if not (ckpt / "config.json").is_file() or (ckpt / "metrics.jsonl").is_file():
-        from exgrpo_fast.checkpoint import resolve_checkpoint
-
         ckpt = resolve_checkpoint(ckpt)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, tokenizer = load_model(ckpt, dtype=getattr(torch, args.dtype), device=torch.device(device))
     if args.data:
-        from exgrpo_fast.data.sources import load_problems
+        from exgrpo_fast.data.sources import load_problems  # user files: the datasets edge
 
-        splits = {"test_id": list(load_problems(args.data))[: args.n]}
+        splits = {"test_id": [Problem.from_dict(row) for row in load_problems(args.data)][: args.n]}
     else:
-        from exgrpo_fast.data.tasks import builtin_dataset
-
-        ds = builtin_dataset(1, args.n, seed=args.seed)
-        splits = {s: [dict(x) for x in ds[s]] for s in ("test_id", "test_ood")}
+        splits = {s: v for s, v in builtin_splits(0, args.n, seed=args.seed).items() if s != "train"}
     t0 = time.perf_counter()
     metrics = evaluate(
         model, tokenizer, splits, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        include_probes=not args.no_probes,
+        include_probes=args.probes,
     )  # fmt: skip
     metrics["eval_s"] = time.perf_counter() - t0
     print(f"eval {ckpt} | n {args.n} | " + format_eval(metrics))

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -45,17 +46,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 from exgrpo_fast import checkpoint as ckpt_lib
 from exgrpo_fast import ops
-from exgrpo_fast.config import TrainConfig, parse_args, to_toml
+from exgrpo_fast.config import ConfigError, TrainConfig, parse_args, to_toml
 from exgrpo_fast.data.dialogue import encode_dialogue
 from exgrpo_fast.data.packing import PackedBatch, pack_sequences
+from exgrpo_fast.data.probes import write_probes_with_teacher
 from exgrpo_fast.data.problem import Dialogue, Problem, sft_dialogue
+from exgrpo_fast.data.sources import load_problems
 from exgrpo_fast.data.tasks import builtin_splits
 from exgrpo_fast.eval import evaluate, format_eval
 from exgrpo_fast.model.forward import packed_hidden
 from exgrpo_fast.model.loading import lm_head, load_model
+from exgrpo_fast.model.tiny import create_tiny_checkpoint
 from exgrpo_fast.reference import LossConfig
 from exgrpo_fast.rewards import score_dialogue
 from exgrpo_fast.rollout import rollout_dialogues
@@ -279,14 +284,10 @@ def load_data(cfg: TrainConfig, run_dir: Path) -> tuple[list[Problem], dict[str,
     if not cfg.data.train_path:
         splits = builtin_splits(cfg.data.n_train, cfg.data.n_test, seed=cfg.data.seed)
         return splits["train"], {s: splits[s] for s in ("test_id", "test_ood")}
-    from exgrpo_fast.data.sources import load_problems
-
     problems = [Problem.from_dict(row) for row in load_problems(cfg.data.train_path)]
     if any(not p.probes for p in problems) and cfg.data.num_probes > 0:
         if not cfg.model.teacher_path:
             raise ValueError("data.train_path problems without probes need model.teacher_path to write them")
-        from exgrpo_fast.data.probes import write_probes_with_teacher  # optional: loads an HF teacher
-
         written = write_probes_with_teacher(
             problems, cfg.model.teacher_path, k=cfg.data.num_probes,
             cache_dir=cfg.data.cache_dir or str(run_dir / "probe_cache"), seed=cfg.data.seed,
@@ -630,8 +631,6 @@ def _init_model_path(cfg: TrainConfig, run_dir: Path, rank: int, world: int) -> 
         return cfg.model.path
     path = run_dir / "init_model"
     if rank == 0 and not (path / "config.json").exists():
-        from exgrpo_fast.model.tiny import create_tiny_checkpoint
-
         create_tiny_checkpoint(path, preset=cfg.model.preset, seed=cfg.seed)
     if world > 1:
         dist.barrier()
@@ -720,8 +719,6 @@ def _scheduler_step(scheduler) -> None:
 
 def _quiet_transformers() -> None:
     """No per-save / per-load progress bars from transformers in our logs."""
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
@@ -742,7 +739,11 @@ def _all_reduce_mean(m: dict, device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg, args = parse_args(argv)
+    try:
+        cfg, args = parse_args(argv)
+    except ConfigError as e:  # a user error: one message, exit code 2, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     return train(cfg, resume=args.resume or None)
 
 

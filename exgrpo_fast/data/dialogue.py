@@ -71,7 +71,7 @@ def encode_dialogue(tokenizer, turns: Dialogue | Iterable[Turn]) -> tuple[list[i
         mask.extend([False] * (len(prefix) - len(ids)))
         # Tokens the template appends after the end-of-turn token (chatml's "\n" after <|im_end|>) are not the
         # student's: sampling stops at end-of-turn, so they are never generated and must not be trained on.
-        span = full[len(prefix):]
+        span = full[len(prefix) :]
         last_end = max((j for j, t in enumerate(span) if t in stops), default=len(span) - 1)
         mask.extend([True] * (last_end + 1) + [False] * (len(span) - last_end - 1))
         ids = full

@@ -95,9 +95,17 @@ def _build(sequences: list[tuple[list[int], list[bool]]], members: list[int]) ->
         return torch.tensor(x, dtype=torch.int64)
 
     return PackedBatch(
-        input_ids=long(ids), position_ids=long(pos), cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-        max_seqlen=max(lens), seq_lens=tuple(lens), seq_ids=long(seq), loss_positions=long(loss_pos),
-        loss_labels=long(loss_lab), loss_seq_ids=long(loss_seq), sample_index=long(members), num_tokens=len(ids),
+        input_ids=long(ids),
+        position_ids=long(pos),
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+        max_seqlen=max(lens),
+        seq_lens=tuple(lens),
+        seq_ids=long(seq),
+        loss_positions=long(loss_pos),
+        loss_labels=long(loss_lab),
+        loss_seq_ids=long(loss_seq),
+        sample_index=long(members),
+        num_tokens=len(ids),
         loss_lens=tuple(loss_lens),
     )
 

@@ -183,8 +183,11 @@ def recompute_probe_answer(meta: dict, index: int) -> str:
         return str(start + sum(n if op == "+" else -n for op, n in ops[: p["step"]]))
     if p["kind"] == "verify":
         return "yes" if p["candidate"] == total else "no"
-    return "Because " + " and ".join(
-        f"{a}{op}{n}={a + n if op == '+' else a - n}" for a, (op, n) in zip(run_chain(start, ops), ops)) + "."
+    return (
+        "Because "
+        + " and ".join(f"{a}{op}{n}={a + n if op == '+' else a - n}" for a, (op, n) in zip(run_chain(start, ops), ops))
+        + "."
+    )
 
 
 def make_problems(split: str, n: int, *, seed: int, cfg: ArithConfig | None = None) -> list[Problem]:
@@ -215,15 +218,17 @@ def make_problems(split: str, n: int, *, seed: int, cfg: ArithConfig | None = No
         values = run_chain(start, ops)
         meta = {"name": name, "item": item, "start": start, "ops": ops}
         probes = write_probes(rng, meta, cfg)
-        problems.append(Problem(
-            id=f"{split}-{seed}-{len(problems)}",
-            question=f"{_question(name, item, start, ops)} How many {item} does {name} have?",
-            answer=str(values[-1]),
-            rationale=_rationale(values, ops),
-            probes=probes,
-            split=split,
-            meta=json.dumps(meta),
-        ))
+        problems.append(
+            Problem(
+                id=f"{split}-{seed}-{len(problems)}",
+                question=f"{_question(name, item, start, ops)} How many {item} does {name} have?",
+                answer=str(values[-1]),
+                rationale=_rationale(values, ops),
+                probes=probes,
+                split=split,
+                meta=json.dumps(meta),
+            )
+        )
     return problems
 
 
