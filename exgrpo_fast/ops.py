@@ -70,8 +70,9 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def backend_for(device: torch.device) -> str:
-    """The backend ops use for tensors on `device`: "triton" or "reference"."""
+def backend_for(device: torch.device, *, announce: bool = True) -> str:
+    """The backend ops use for tensors on `device`: "triton" or "reference". The first fallback from "auto" to the
+    reference is logged as a warning, unless announce=False: the caller reports it itself (the trainer's header)."""
     global _fallback_logged
     if _backend == "reference":
         return "reference"
@@ -86,11 +87,12 @@ def backend_for(device: torch.device) -> str:
     if runnable:
         return "triton"
     if not _fallback_logged:
-        _log.warning(
-            "exgrpo_fast.ops: Triton cannot run on %s (set TRITON_INTERPRET=1 before importing triton to use the "
-            "interpreter); falling back to exgrpo_fast.reference",
-            device,
-        )
+        if announce:
+            _log.warning(
+                "exgrpo_fast.ops: Triton cannot run on %s (set TRITON_INTERPRET=1 before importing triton to use the "
+                "interpreter); falling back to exgrpo_fast.reference",
+                device,
+            )
         _fallback_logged = True
     return "reference"
 
@@ -457,14 +459,16 @@ def token_logprobs_linear(
         return reference.token_logprobs_linear(
             hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy
         )
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad:
         from csrc_triton import linear_logprob
 
         logp, _, entropy = linear_logprob.linear_logprob_forward(
-            hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, temperature,
+            hidden.detach(),
+            weight.detach(),
+            None if bias is None else bias.detach(),
+            labels,
+            temperature,
             return_entropy,
         )
         return (logp, entropy) if return_entropy else logp
