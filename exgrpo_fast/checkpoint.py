@@ -46,8 +46,8 @@ STATE_FILE = "trainer_state.pt"
 META_FILE = "checkpoint.json"
 POINTER = "latest"
 CRASH_ENV = "EXGRPO_FAST_CRASH_AT"
-"""Fault injection: set to one of CRASH_POINTS and the saving process dies (os._exit(CRASH_EXIT)) right after that
-step of the save sequence. For tests only."""
+"""Fault injection: set to one of CRASH_POINTS ("POINT", or "POINT:N" for its N-th occurrence in the process) and
+the saving process dies (os._exit(CRASH_EXIT)) right after that step of the save sequence. For tests only."""
 CRASH_POINTS = ("begin", "writing", "tmp_complete", "old_aside", "committed", "pointer_written", "pointer_swapped",
                 "old_deleted", "pruned")  # fmt: skip
 CRASH_EXIT = 97
@@ -115,9 +115,16 @@ def _shard_like(osd: dict, optimizer) -> dict:
     return {**osd, "state": state}
 
 
+_crash_counts: dict[str, int] = {}
+
+
 def _crash_point(name: str) -> None:
     """Die here, without cleanup, if the fault-injection hook names this step (tests only)."""
-    if os.environ.get(CRASH_ENV) == name:
+    want = os.environ.get(CRASH_ENV)
+    if not want or want.split(":")[0] != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if ":" not in want or _crash_counts[name] == int(want.split(":")[1]):
         os._exit(CRASH_EXIT)
 
 

@@ -400,6 +400,20 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
     return {"history": history, "ckpt": run.save(stage.name, stage.steps, optimizer, scheduler)}
 
 
+def agreed_micro_batches(n: int, world: int, device: torch.device) -> int:
+    """The largest micro-batch count of any rank (one all-reduce MAX; n itself on one process).
+
+    Every rank then runs that many forwards and backwards, the missing ones on a copy of its last micro-batch with
+    weight 0 (no gradient, same shapes), so the FSDP all-gathers and reduce-scatters of each micro-batch pair up
+    across ranks: ranks that pack their own sequences into different counts would otherwise fall out of step and
+    deadlock or exchange mismatched buffers."""
+    if world == 1:
+        return n
+    count = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())  # sync: once per step, before the micro-batch loop
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stage 1: one SFT step (Explanatory Inversion distillation)
 
@@ -413,11 +427,11 @@ def sft_step(run: Run, step: int, update: OptimizerStep) -> dict:
     batches = pack_sequences(seqs, cfg.data.token_budget)
     total = sum(b.loss_labels.numel() for b in batches)  # host ints: no sync
     loss_sum = torch.zeros((), device=run.device)
-    for batch in batches:
-        batch = batch.to(run.device)
+    for i in range(agreed_micro_batches(len(batches), run.world, run.device)):
+        batch = batches[min(i, len(batches) - 1)].to(run.device)  # past the end: padding, weight 0
         hidden, weight, bias = run.policy(batch)  # (N, H) at loss positions, (V, H)
         logp = ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias)
-        loss = -logp.sum() / total
+        loss = -logp.sum() / total * (1.0 if i < len(batches) else 0.0)
         loss.backward()
         loss_sum += loss.detach()
     update(loss_sum)
@@ -511,7 +525,9 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     ).to(device)  # (S,)
     packed = pack_sequences([(r.ids, r.loss_mask) for r in rollouts], cfg.data.token_budget)
     loss_cfg, weights = step_loss_norm(packed, cfg.loss)
-    batches = [b.to(device) for b in packed]
+    n_pad = agreed_micro_batches(len(packed), run.world, device) - len(packed)  # padding: weight 0
+    batches = [b.to(device) for b in packed + packed[-1:] * n_pad]
+    weights = weights + [0.0] * n_pad
     t_rollout = _timer(device) - t0
     # ---- old / reference / teacher log-probs (no grad); old comes from the policy forward itself when on-policy
     t1 = time.perf_counter()
