@@ -86,3 +86,19 @@ def test_user_error_exits_2_without_a_run_dir(tmp_path):
     proc = run_cli("--preset", "test", "--grpo.lr", "inf", "--log.out_dir", str(out), "--debug", timeout=600)
     assert proc.returncode == 2 and "Traceback" in proc.stderr and "grpo.lr=inf" in proc.stderr
     assert not out.exists()
+
+
+def test_grpo_log_line_fits_120_columns():
+    from exgrpo_fast import train as T
+
+    worst = dict(reward=-2.345, reward_task=0.99, reward_probe=0.99, reward_dsu=0.99, reward_std=1.34,
+                 kl_ref=-1.234e-10, grad_norm=123456.7, step_s=999.6)  # fmt: skip
+    line = T.grpo_log_line(9998, 9999, worst) + " | SKIPPED"
+    assert len(line) <= 120, (len(line), line)
+
+
+def test_ckpt_interval_bounds_lost_work():
+    from exgrpo_fast.train import ckpt_interval
+
+    assert [ckpt_interval(0, n) for n in (1, 3, 10, 60, 150, 1001)] == [1, 1, 1, 6, 15, 101]
+    assert ckpt_interval(25, 60) == 25
