@@ -120,8 +120,7 @@ def validate_run(cfg, resume: str | None = None, world: int = 1) -> None:
     check_config(cfg, world)
     student = cfg.model.path or None
     if resume:
-        student = str(ckpt_lib.resolve_checkpoint(resume))
-        ckpt_lib.load_trainer_state(student)
+        student = str(ckpt_lib.resolve_checkpoint(resume))  # complete: checkpoint.json is written last
     if student:
         check_model_dir(student)
     needs_teacher = cfg.loss.teacher_beta > 0

@@ -36,7 +36,7 @@ def test_two_processes_gloo_match_one_process(tmp_path):
     grpo2 = rows(tmp_path / "two", "grpo")
     assert len(sft2) == 4 and len(grpo2) == 6 and all(r["skipped"] == 0 for r in sft2 + grpo2)
     for a, b in zip(sft1, sft2):  # same global batch each step: the loss curves agree closely
-        assert abs(a["loss"] - b["loss"]) <= 0.05 * a["loss"], (a["step"], a["loss"], b["loss"])
+        assert abs(a["loss"] - b["loss"]) <= 0.02 * a["loss"], (a["step"], a["loss"], b["loss"])
     assert sft2[-1]["loss"] < sft2[0]["loss"]
     assert all(abs(r["loss"]) < 1e3 and r["grad_norm"] == r["grad_norm"] for r in grpo2)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())

@@ -50,3 +50,16 @@ def test_cli_main_in_process(capsys):
     assert info.value.code == 2
     assert capsys.readouterr().err == "error: grpo.lr=inf: expected a finite positive number\n"
     assert issubclass(DataError, ValueError) and issubclass(ConfigError, UserError)
+
+
+def test_eval_missing_path_names_it(tmp_path, capsys):
+    from exgrpo_fast import eval as E
+
+    with pytest.raises(SystemExit) as info:
+        E.main([str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err == f"error: checkpoint path {tmp_path / 'nope'} does not exist\n"
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit):
+        E.main([str(tmp_path / "run")])
+    assert "no complete checkpoint in" in capsys.readouterr().err
