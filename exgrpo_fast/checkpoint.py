@@ -195,10 +195,12 @@ def list_checkpoints(root: str | Path) -> list[Path]:
         if not entry.is_dir() or _JUNK.match(entry.name) or (entry.name.startswith(".") and not _OLD.match(entry.name)):
             continue
         meta = checkpoint_meta(entry)
+        try:
+            mtime = (entry / STATE_FILE).stat().st_mtime_ns
+        except OSError:  # removed meanwhile (a concurrent save pruning it)
+            continue
         if meta is not None:
-            found.append(
-                ((meta["seq"], (entry / STATE_FILE).stat().st_mtime_ns, not entry.name.startswith(".")), entry)
-            )
+            found.append(((meta["seq"], mtime, not entry.name.startswith(".")), entry))
     return [p for _, p in sorted(found)]
 
 
