@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from exgrpo_fast.checkpoint import resolve_checkpoint
 from exgrpo_fast.config import parse_eval_args
@@ -30,8 +31,8 @@ from exgrpo_fast.rollout import SamplingParams, rollout_dialogues
 
 
 def evaluate(
-    model,
-    tokenizer,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     splits: Mapping[str, list[Problem]],
     *,
     reward_cfg: RewardConfig | None = None,
@@ -75,12 +76,12 @@ def format_eval(metrics: dict[str, float]) -> str:
     return " | ".join(f"{k} {v:.3f}" for k, v in metrics.items())
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, float]:
     """The command line: user errors (flags, a missing checkpoint, a bad data file) print one line and exit 2."""
     return cli_main(_main, argv)
 
 
-def _main(argv: list[str]) -> dict:
+def _main(argv: list[str]) -> dict[str, float]:
     args = parse_eval_args(argv)
     ckpt = Path(args.ckpt)
     if not (ckpt / "config.json").is_file() or (ckpt / "metrics.jsonl").is_file():

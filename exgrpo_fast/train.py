@@ -36,7 +36,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
@@ -108,7 +109,9 @@ def lr_lambda(warmup: int, total: int, min_frac: float) -> Callable[[int], float
     return f
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float, warmup: int, total: int):
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, lr: float, warmup: int, total: int
+) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """(AdamW over the trainable params, its warmup + cosine LambdaLR)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -129,7 +132,7 @@ class PackedPolicy(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: PackedBatch):
+    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         hidden = packed_hidden(self.model, batch)  # (N, H)
         weight, bias = lm_head(self.model)
         return hidden, weight, bias
@@ -148,7 +151,7 @@ def shard_model(policy: PackedPolicy, world: int) -> PackedPolicy:
 
 
 @contextlib.contextmanager
-def gathered(policy, world: int):
+def gathered(policy: PackedPolicy, world: int) -> Iterator[None]:
     """Sampling calls the HF model directly (not the FSDP root): gather the root's params around it."""
     if world > 1:
         policy.unshard()
@@ -160,7 +163,7 @@ def gathered(policy, world: int):
 
 
 @contextlib.contextmanager
-def ops_backend(name: str):
+def ops_backend(name: str) -> Iterator[None]:
     """Run with the exgrpo_fast.ops backend `name`, then put back the process default (EXGRPO_FAST_BACKEND or auto).
     Becomes `ops.backend(name)` (a context manager of ops itself) once that lands."""
     ops.set_backend(name)
@@ -286,7 +289,7 @@ class Run:
         self.log.log("eval", global_step, global_step, {"tag": tag, **m}, f"eval {tag} | " + format_eval(m))
         return m
 
-    def save(self, stage: str, step: int, optimizer, scheduler) -> Path:
+    def save(self, stage: str, step: int, optimizer: torch.optim.Optimizer, scheduler: LRScheduler) -> Path:
         """Crash-safe checkpoint (see exgrpo_fast.checkpoint) with the log position, so a resume from it cuts
         metrics.jsonl back to exactly here; the stage's older checkpoints beyond log.keep_last are removed."""
         path = self.run_dir / "checkpoints" / f"{stage}-{step:06d}"
@@ -336,7 +339,7 @@ class OptimizerStep:
     """Clip, skip if the loss or the grad norm is non-finite, step, zero the grads. `step_fn`s call it once per
     update; it remembers the last update's grad norm and whether it was skipped."""
 
-    def __init__(self, model: torch.nn.Module, optimizer, grad_clip: float, world: int):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, world: int):
         self.model, self.optimizer, self.grad_clip, self.world = model, optimizer, grad_clip, world
         self.grad_norm, self.finite = torch.zeros(()), True
 
@@ -582,7 +585,9 @@ def grpo_log_line(step: int, steps: int, m: dict) -> str:
 # the trainer
 
 
-def train(cfg: TrainConfig, *, resume: str | None = None, run_dir: str | None = None, stop_after: int | None = None):
+def train(
+    cfg: TrainConfig, *, resume: str | None = None, run_dir: str | None = None, stop_after: int | None = None
+) -> dict:
     """Run both stages; returns a summary dict. stop_after = global step after which to checkpoint and return
     (simulates an interruption; used by the resume test)."""
     with ops_backend(cfg.ops_backend):
@@ -626,7 +631,9 @@ def _train(cfg: TrainConfig, *, resume: str | None, run_dir: str | None, stop_af
     return summary
 
 
-def setup_run(cfg: TrainConfig, resume: str | None, run_dir: str | None, stop_after: int | None):
+def setup_run(
+    cfg: TrainConfig, resume: str | None, run_dir: str | None, stop_after: int | None
+) -> tuple[Run, dict | None, Path | None, str]:
     """(Run, trainer state or None, resumed checkpoint dir or None, path the student was loaded from)."""
     rank, world, device = setup_distributed(cfg)
     _quiet_transformers()
@@ -761,7 +768,7 @@ def _timer(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _scheduler_step(scheduler) -> None:
+def _scheduler_step(scheduler: LRScheduler) -> None:
     with warnings.catch_warnings():  # a skipped (non-finite) first step trips torch's "optimizer.step() first" check
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()

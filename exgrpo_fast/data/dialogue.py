@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from transformers import PreTrainedTokenizerBase
+
 from exgrpo_fast.data.problem import Dialogue, Turn
 
 _BUILTIN = ("<|user|>", "<|assistant|>", "<|end|>")
 
 
-def _render(tokenizer, turns: list[dict], add_generation_prompt: bool) -> str:
+def _render(tokenizer: PreTrainedTokenizerBase, turns: list[dict], add_generation_prompt: bool) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
     vocab = tokenizer.get_vocab()
@@ -30,7 +32,7 @@ def _render(tokenizer, turns: list[dict], add_generation_prompt: bool) -> str:
     return text + ("assistant: " if add_generation_prompt else "")
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -46,13 +48,15 @@ def _check_turns(turns: Iterable[Turn]) -> list[Turn]:
     return turns
 
 
-def encode_prompt(tokenizer, turns: Dialogue | Iterable[Turn]) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, turns: Dialogue | Iterable[Turn]) -> list[int]:
     """Ids of the dialogue so far followed by the assistant generation prompt (what sampling continues from)."""
     turns = _check_turns(turns)
     return _ids(tokenizer, _render(tokenizer, turns, add_generation_prompt=True))
 
 
-def encode_dialogue(tokenizer, turns: Dialogue | Iterable[Turn]) -> tuple[list[int], list[bool]]:
+def encode_dialogue(
+    tokenizer: PreTrainedTokenizerBase, turns: Dialogue | Iterable[Turn]
+) -> tuple[list[int], list[bool]]:
     """(input_ids, loss_mask) of a whole dialogue; loss_mask is True on assistant-produced tokens only."""
     turns = _check_turns(turns)
     stops = set(end_of_turn_ids(tokenizer))
@@ -82,7 +86,7 @@ def encode_dialogue(tokenizer, turns: Dialogue | Iterable[Turn]) -> tuple[list[i
     return rest, mask
 
 
-def end_of_turn_ids(tokenizer) -> list[int]:
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids that end an assistant turn (sampling stops on any of them)."""
     vocab = tokenizer.get_vocab()
     found = [vocab[t] for t in ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>") if t in vocab]

@@ -31,9 +31,13 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exgrpo_fast.data.problem import CHECKABLE, Problem, as_problem
 from exgrpo_fast.rewards import answers_match, extract_answer
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 CACHE_VERSION = 1
 
@@ -224,7 +228,7 @@ def write_probes_with_teacher(
     min_consistency: float = 1.0,
     rounds: int = 2,
     kinds: Sequence[str] = CHECKABLE,
-):
+) -> Dataset:
     """Problems with up to k teacher-written, self-consistent probes each, as a datasets.Dataset (cached).
 
     problems: Problems or problem rows (dicts, a Dataset); teacher_path: local HF checkpoint (loaded only on a cache

@@ -24,6 +24,7 @@ import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from exgrpo_fast.data.problem import (  # noqa: F401 - the dialogue helpers are re-exported for callers of this module
     ANSWER_PREFIX,
@@ -37,6 +38,9 @@ from exgrpo_fast.data.problem import (  # noqa: F401 - the dialogue helpers are 
     rollout_user_turns,
     sft_dialogue,
 )
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
 
 NAMES = ("Tom", "Ann", "Bob", "Eve", "Sam", "Mia", "Leo", "Ida")
 PRONOUNS = {"Tom": "He", "Bob": "He", "Sam": "He", "Leo": "He", "Ann": "She", "Eve": "She", "Mia": "She", "Ida": "She"}
@@ -240,7 +244,7 @@ def builtin_splits(
     return {split: make_problems(split, n, seed=seed, cfg=cfg) for split, n in sizes}
 
 
-def builtin_dataset(n_train: int, n_test: int, *, seed: int = 0, cfg: ArithConfig | None = None):
+def builtin_dataset(n_train: int, n_test: int, *, seed: int = 0, cfg: ArithConfig | None = None) -> DatasetDict:
     """The built-in splits as a datasets.DatasetDict of problem rows (Problem.to_dict)."""
     from datasets import Dataset, DatasetDict  # an edge: the trainer uses builtin_splits
 
