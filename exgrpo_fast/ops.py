@@ -459,16 +459,14 @@ def token_logprobs_linear(
         return reference.token_logprobs_linear(
             hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy
         )
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
     if not needs_grad:
         from csrc_triton import linear_logprob
 
         logp, _, entropy = linear_logprob.linear_logprob_forward(
-            hidden.detach(),
-            weight.detach(),
-            None if bias is None else bias.detach(),
-            labels,
-            temperature,
+            hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, temperature,
             return_entropy,
         )
         return (logp, entropy) if return_entropy else logp
