@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
+from exgrpo_fast.errors import ConfigError
 from exgrpo_fast.reference import LossConfig
 from exgrpo_fast.rewards import RewardConfig
 from exgrpo_fast.rollout import SamplingParams
@@ -40,8 +41,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
-    """A bad config value, TOML key or flag; the message names the field and the value."""
+# ConfigError: a bad config value, TOML key or flag; the message names the field and the value. It is a UserError
+# (exit code 2 under errors.cli_main) and a ValueError.
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,6 +79,8 @@ class DataConfig:
     """Explanatory probes per problem (K) written by the teacher when problems carry none."""
     cache_dir: str = ""
     """Where teacher-written probes are cached; "" = <run_dir>/probe_cache."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A bad row in data.train_path: "raise" stops with its file and line; "skip" leaves it out (count logged)."""
     token_budget: int = 4096
     """Max tokens per packed micro-batch (SFT, log-prob and policy passes); bounds activation memory."""
 
@@ -151,7 +154,9 @@ class LogConfig:
     eval_every: int = 30
     """Extra greedy eval every this many GRPO steps (0 = only before, after SFT and at the end)."""
     ckpt_every: int = 0
-    """Checkpoint every this many steps of each stage (0 = only at the end of each stage)."""
+    """Checkpoint every this many steps of each stage (0 = every 10% of the stage); each stage's end is saved too."""
+    keep_last: int = 2
+    """Checkpoints kept per stage, the newest (0 = all); the end of SFT (GRPO's reference) always stays."""
     tensorboard: bool = True
     """Write TensorBoard event files."""
     progress: bool = True
@@ -217,7 +222,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         positive(name, _get(cfg, name))
     for name in ("data.num_probes", "sft.steps", "sft.warmup_steps", "grpo.steps", "grpo.warmup_steps",
                  "sft.lr", "grpo.lr", "optim.weight_decay", "optim.grad_clip", "log.eval_n", "log.eval_every",
-                 "log.ckpt_every", "rollout.temperature", "grpo.adv_eps"):  # fmt: skip
+                 "log.ckpt_every", "log.keep_last", "rollout.temperature", "grpo.adv_eps"):  # fmt: skip
         positive(name, _get(cfg, name), zero_ok=True)
     if cfg.grpo.group_size < 2:
         _fail("grpo.group_size", cfg.grpo.group_size, "expected >= 2 (advantages are relative within a group)")

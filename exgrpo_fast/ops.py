@@ -206,8 +206,9 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def backend_for(device: torch.device) -> str:
-    """The backend ops use for tensors on `device`: "triton" or "reference"."""
+def backend_for(device: torch.device, *, announce: bool = True) -> str:
+    """The backend ops use for tensors on `device`: "triton" or "reference". The first fallback from "auto" to the
+    reference is logged as a warning, unless announce=False: the caller reports it itself (the trainer's header)."""
     global _fallback_logged
     if _backend == "reference":
         return "reference"
@@ -222,11 +223,12 @@ def backend_for(device: torch.device) -> str:
     if runnable:
         return "triton"
     if not _fallback_logged:
-        _log.warning(
-            "exgrpo_fast.ops: Triton cannot run on %s (set TRITON_INTERPRET=1 before importing triton to use the "
-            "interpreter); falling back to exgrpo_fast.reference",
-            device,
-        )
+        if announce:
+            _log.warning(
+                "exgrpo_fast.ops: Triton cannot run on %s (set TRITON_INTERPRET=1 before importing triton to use the "
+                "interpreter); falling back to exgrpo_fast.reference",
+                device,
+            )
         _fallback_logged = True
     return "reference"
 

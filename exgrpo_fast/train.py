@@ -34,7 +34,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -51,7 +50,8 @@ from transformers.utils import logging as hf_logging
 
 from exgrpo_fast import checkpoint as ckpt_lib
 from exgrpo_fast import ops
-from exgrpo_fast.config import ConfigError, TrainConfig, parse_args, to_toml
+from exgrpo_fast.errors import cli_main
+from exgrpo_fast.config import TrainConfig, parse_args, to_toml
 from exgrpo_fast.data.dialogue import encode_dialogue
 from exgrpo_fast.data.packing import PackedBatch, pack_sequences
 from exgrpo_fast.data.probes import write_probes_with_teacher
@@ -65,6 +65,7 @@ from exgrpo_fast.model.tiny import create_tiny_checkpoint
 from exgrpo_fast.reference import LossConfig
 from exgrpo_fast.rewards import score_dialogue
 from exgrpo_fast.rollout import rollout_dialogues
+from exgrpo_fast.validate import validate_run
 
 # ----------------------------------------------------------------------------------------------------------------
 # set-up helpers
@@ -204,21 +205,36 @@ def mfu(n_params: int, tokens_fwd_bwd: int, tokens_fwd: int, dt: float, device: 
 
 
 class Logger:
-    """metrics.jsonl + TensorBoard + console, rank 0 only."""
+    """metrics.jsonl + TensorBoard + console, rank 0 only.
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, rank: int):
+    resume_at: the position() saved with the checkpoint a run resumes from. metrics.jsonl is cut back to it and
+    TensorBoard purges the later steps, so the rows an interrupted run wrote after its last checkpoint (which the
+    resumed run writes again) appear once: the outputs of a resumed run are those of a straight one."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, rank: int, resume_at: dict | None = None):
         self.enabled = rank == 0
         self.tb = None
+        self.global_step = -1
         if self.enabled:
-            self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the whole run
+            path = run_dir / "metrics.jsonl"
+            if resume_at is not None and path.is_file() and path.stat().st_size > resume_at["bytes"]:
+                with open(path, "r+b") as f:
+                    f.truncate(resume_at["bytes"])
+            self.file = open(path, "a")  # noqa: SIM115 - open for the whole run
             if cfg.log.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter  # optional: pulls in tensorboard
 
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                purge = resume_at["global_step"] + 1 if resume_at is not None else None
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+
+    def position(self) -> dict:
+        """Where the log stands: metrics.jsonl's size and the last global step written (saved in checkpoints)."""
+        return {"bytes": self.file.tell() if self.enabled else 0, "global_step": self.global_step}
 
     def log(self, stage: str, step: int, global_step: int, metrics: dict, line: str | None = None) -> None:
         if not self.enabled:
             return
+        self.global_step = max(self.global_step, global_step)
         row = {"stage": stage, "step": step, "global_step": global_step, "time": time.time(), **metrics}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
@@ -266,7 +282,7 @@ class Run:
             m = evaluate(
                 self.model, self.tokenizer, self.test_splits, reward_cfg=self.cfg.reward,
                 max_new_tokens=self.cfg.rollout.max_new_tokens, batch_size=self.cfg.rollout.batch_size,
-                include_probes=True,
+                include_probes=True, progress=self.cfg.log.progress and self.rank == 0,
             )  # fmt: skip
         m["eval_s"] = time.perf_counter() - t0
         self.extra["evals"][tag] = m
@@ -274,10 +290,14 @@ class Run:
         return m
 
     def save(self, stage: str, step: int, optimizer: torch.optim.Optimizer, scheduler: LRScheduler) -> Path:
+        """Crash-safe checkpoint (see exgrpo_fast.checkpoint) with the log position, so a resume from it cuts
+        metrics.jsonl back to exactly here; the stage's older checkpoints beyond log.keep_last are removed."""
         path = self.run_dir / "checkpoints" / f"{stage}-{step:06d}"
+        self.extra["log_position"] = self.log.position()
         ckpt_lib.save_checkpoint(
             path, self.model, self.tokenizer, optimizer=optimizer, scheduler=scheduler, stage=stage, step=step,
-            extra=self.extra,
+            extra=self.extra, keep_last=self.cfg.log.keep_last,
+            keep=[self.extra["ref_path"]] if "ref_path" in self.extra else [],
         )  # fmt: skip
         return path
 
@@ -287,7 +307,7 @@ def load_data(cfg: TrainConfig, run_dir: Path) -> tuple[list[Problem], dict[str,
     if not cfg.data.train_path:
         splits = builtin_splits(cfg.data.n_train, cfg.data.n_test, seed=cfg.data.seed)
         return splits["train"], {s: splits[s] for s in ("test_id", "test_ood")}
-    problems = [Problem.from_dict(row) for row in load_problems(cfg.data.train_path)]
+    problems = [Problem.from_dict(row) for row in load_problems(cfg.data.train_path, on_error=cfg.data.on_error)]
     if any(not p.probes for p in problems) and cfg.data.num_probes > 0:
         if not cfg.model.teacher_path:
             raise ValueError("data.train_path problems without probes need model.teacher_path to write them")
@@ -334,6 +354,12 @@ class OptimizerStep:
 StepFn = Callable[[int, OptimizerStep], dict]
 
 
+def ckpt_interval(ckpt_every: int, steps: int) -> int:
+    """Steps between a stage's checkpoints: log.ckpt_every, or when it is 0 every 10% of the stage (rounded up), so
+    a crash loses at most a tenth of a stage."""
+    return ckpt_every or max(1, math.ceil(steps / 10))
+
+
 def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start: int, state: dict | None) -> dict:
     """Steps [start, stage.steps) of a stage: step_fn(step, update) computes gradients and calls update(loss) per
     optimizer update; this owns the rest (optimizer, schedule, clipping and non-finite skip, logging, evals,
@@ -344,7 +370,9 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
         ckpt_lib.restore(state, run.model, optimizer, scheduler)
     update = OptimizerStep(run.model, optimizer, cfg.optim.grad_clip, run.world)
     bar = _progress(cfg, run.rank, stage.steps, start, stage.name)
-    history: list[dict] = []
+    history = run.extra.setdefault("history", {}).setdefault(stage.name, [])  # saved with checkpoints: a resumed
+    del history[start:]  # run's summary covers every step, as a straight run's does
+    every = ckpt_interval(cfg.log.ckpt_every, stage.steps)
     for step in range(start, stage.steps):
         t0 = time.perf_counter()
         m = step_fn(step, update)
@@ -360,12 +388,12 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
         history.append(m)
         global_step, done = stage.offset + step, step + 1
         if step % cfg.log.log_every == 0 or done == stage.steps or not update.finite:
-            line = log_line(step, stage.steps, m) + (" | SKIPPED (non-finite)" if not update.finite else "")
+            line = log_line(step, stage.steps, m) + (" | SKIPPED" if not update.finite else "")  # non-finite
             run.log.log(stage.name, step, global_step, m, line)
         if stage.eval_every and done % stage.eval_every == 0 and done < stage.steps:
             run.evaluate(f"{stage.name}-{done}", global_step)
         stop = stage.offset + done == run.stop_after
-        if (cfg.log.ckpt_every and done % cfg.log.ckpt_every == 0) or stop:
+        if (done % every == 0 and done < stage.steps) or stop:  # the stage's end is saved once, below
             run.save(stage.name, done, optimizer, scheduler)
         if stop:
             bar.close()
@@ -373,6 +401,20 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
     bar.close()
     run.evaluate(stage.end_eval, stage.offset + stage.steps)
     return {"history": history, "ckpt": run.save(stage.name, stage.steps, optimizer, scheduler)}
+
+
+def agreed_micro_batches(n: int, world: int, device: torch.device) -> int:
+    """The largest micro-batch count of any rank (one all-reduce MAX; n itself on one process).
+
+    Every rank then runs that many forwards and backwards, the missing ones on a copy of its last micro-batch with
+    weight 0 (no gradient, same shapes), so the FSDP all-gathers and reduce-scatters of each micro-batch pair up
+    across ranks: ranks that pack their own sequences into different counts would otherwise fall out of step and
+    deadlock or exchange mismatched buffers."""
+    if world == 1:
+        return n
+    count = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())  # sync: once per step, before the micro-batch loop
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -388,11 +430,11 @@ def sft_step(run: Run, step: int, update: OptimizerStep) -> dict:
     batches = pack_sequences(seqs, cfg.data.token_budget)
     total = sum(b.loss_labels.numel() for b in batches)  # host ints: no sync
     loss_sum = torch.zeros((), device=run.device)
-    for batch in batches:
-        batch = batch.to(run.device)
+    for i in range(agreed_micro_batches(len(batches), run.world, run.device)):
+        batch = batches[min(i, len(batches) - 1)].to(run.device)  # past the end: padding, weight 0
         hidden, weight, bias = run.policy(batch)  # (N, H) at loss positions, (V, H)
         logp = ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias)
-        loss = -logp.sum() / total
+        loss = -logp.sum() / total * (1.0 if i < len(batches) else 0.0)
         loss.backward()
         loss_sum += loss.detach()
     update(loss_sum)
@@ -486,7 +528,9 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     ).to(device)  # (S,)
     packed = pack_sequences([(r.ids, r.loss_mask) for r in rollouts], cfg.data.token_budget)
     loss_cfg, weights = step_loss_norm(packed, cfg.loss)
-    batches = [b.to(device) for b in packed]
+    n_pad = agreed_micro_batches(len(packed), run.world, device) - len(packed)  # padding: weight 0
+    batches = [b.to(device) for b in packed + packed[-1:] * n_pad]
+    weights = weights + [0.0] * n_pad
     t_rollout = _timer(device) - t0
     # ---- old / reference / teacher log-probs (no grad); old comes from the policy forward itself when on-policy
     t1 = time.perf_counter()
@@ -529,14 +573,11 @@ def reward_metrics(rewards: torch.Tensor, scores: list[dict], group_size: int, u
 
 
 def grpo_log_line(step: int, steps: int, m: dict) -> str:
+    """One console line of at most 120 columns (the SKIPPED suffix included); every metric is in metrics.jsonl."""
     return (
         f"grpo {step + 1:3d}/{steps} | reward {m['reward']:.3f} (task {m.get('reward_task', 0):.2f} "
-        f"probe {m.get('reward_probe', 0):.2f} dsu {m.get('reward_dsu', 0):.2f}) | std {m['reward_std']:.2f} "
-        f"| zero-std {m['frac_zero_std']:.2f} | acc {m['acc']:.2f} | probe {m['probe_acc']:.2f} | "
-        f"kl {m.get('kl_ref', 0):.4f} | ent {m.get('entropy', 0):.2f} | "
-        f"clip {m.get('clip_frac_low', 0):.2f}/{m.get('clip_frac_high', 0):.2f} | gnorm {m['grad_norm']:.2f} "
-        f"| lr {m['lr']:.1e} | tok/s {m['tok_per_s']:.0f} | {m['step_s']:.1f}s (roll {m['t_rollout']:.1f} "
-        f"logp {m['t_logp']:.1f} upd {m['t_update']:.1f})" + (f" | mfu {m['mfu']:.1%}" if "mfu" in m else "")
+        f"probe {m.get('reward_probe', 0):.2f} dsu {m.get('reward_dsu', 0):.2f}) | "
+        f"kl {m.get('kl_ref', 0):.1e} | gnorm {m['grad_norm']:.2g} | {m['step_s']:.1f}s"
     )
 
 
@@ -555,6 +596,7 @@ def train(
 
 def _train(cfg: TrainConfig, *, resume: str | None, run_dir: str | None, stop_after: int | None) -> dict:
     t_start = time.perf_counter()
+    validate_run(cfg, resume, world=int(os.environ.get("WORLD_SIZE", "1")))  # user errors before any dir or model
     run, state, resume_dir, model_path = setup_run(cfg, resume, run_dir, stop_after)
     if state is None:
         run.evaluate("untrained", 0)
@@ -599,6 +641,12 @@ def setup_run(
     state, resume_dir = None, None
     if resume:
         resume_dir = ckpt_lib.resolve_checkpoint(resume)
+        if resume_dir.parent.name == "checkpoints":  # a crash mid-save: displaced checkpoint back, temp dirs gone
+            if rank == 0:
+                ckpt_lib.repair_checkpoints(resume_dir.parent)
+            if world > 1:
+                dist.barrier()
+            resume_dir = ckpt_lib.resolve_checkpoint(resume)
         state = ckpt_lib.load_trainer_state(resume_dir)
         run_dir = run_dir or str(resume_dir.parent.parent)
     run_dir = Path(run_dir or Path(cfg.log.out_dir) / (cfg.log.run_name or time.strftime("%Y%m%d-%H%M%S")))
@@ -608,7 +656,7 @@ def setup_run(
         (run_dir / "config.toml").write_text(to_toml(cfg))
     if world > 1:
         dist.barrier()
-    log = Logger(run_dir, cfg, rank)
+    log = Logger(run_dir, cfg, rank, resume_at=state["extra"].get("log_position") if state else None)
     model_path = str(resume_dir) if resume_dir else _init_model_path(cfg, run_dir, rank, world)
     model, tokenizer = load_model(
         model_path, dtype=getattr(torch, cfg.model.dtype), device=device, attn_backend=cfg.model.attn_backend
@@ -624,10 +672,12 @@ def setup_run(
         {k: v[: cfg.log.eval_n] for k, v in test_splits.items()}, dict(state["extra"]) if state else {"evals": {}},
         sum(p.numel() for p in model.parameters()), stop_after,
     )  # fmt: skip
+    backend = ops.backend_for(device, announce=False)  # the fallback notice is part of the header, not a warning
+    if backend == "reference" and cfg.ops_backend == "auto":
+        backend += f" (no Triton on {device.type}; TRITON_INTERPRET=1 runs the interpreter)"
     log.print(
         f"run {run_dir} | model {model_path} | {run.n_params / 1e6:.2f}M params | device {device} | world {world} | "
-        f"problems {len(problems)} | ops {ops.backend_for(device)} | threads {torch.get_num_threads()} | "
-        f"load {_load():.2f}"
+        f"problems {len(problems)} | ops {backend} | threads {torch.get_num_threads()} | load {_load():.2f}"
     )
     return run, state, resume_dir, model_path
 
@@ -746,12 +796,14 @@ def _all_reduce_mean(m: dict, device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    try:
-        cfg, args = parse_args(argv)
-    except ConfigError as e:  # a user error: one message, exit code 2, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return train(cfg, resume=args.resume or None)
+    """The command line: a user error (config, data, model dir, checkpoint) prints one line and exits with code 2
+    (`--debug` adds the traceback); any other error keeps its traceback (errors.cli_main)."""
+
+    def run(args: list[str]) -> dict:
+        cfg, launch = parse_args(args)
+        return train(cfg, resume=launch.resume or None)
+
+    return cli_main(run, argv)
 
 
 if __name__ == "__main__":
