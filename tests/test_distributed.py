@@ -23,16 +23,7 @@ def rows(run_dir, stage):
     return [r for r in out if r["stage"] == stage]
 
 
-def _sampler_agrees_across_ranks() -> bool:
-    try:  # the rank-agreed stops of the rollout engine (rollout branch); without them GRPO sampling desyncs ranks
-        from exgrpo_fast.rollout import agree_max  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _sampler_agrees_across_ranks(), reason="needs the rollout engine's rank-agreed stops")
 def test_two_processes_gloo_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     one = [sys.executable, "-m", "exgrpo_fast.train", *ARGS, "--log.out_dir", str(tmp_path), "--log.run_name", "one"]
