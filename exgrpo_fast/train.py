@@ -162,17 +162,6 @@ def gathered(policy: PackedPolicy, world: int) -> Iterator[None]:
             policy.reshard()
 
 
-@contextlib.contextmanager
-def ops_backend(name: str) -> Iterator[None]:
-    """Run with the exgrpo_fast.ops backend `name`, then put back the process default (EXGRPO_FAST_BACKEND or auto).
-    Becomes `ops.backend(name)` (a context manager of ops itself) once that lands."""
-    ops.set_backend(name)
-    try:
-        yield
-    finally:
-        ops.set_backend(os.environ.get("EXGRPO_FAST_BACKEND", "auto"))
-
-
 def clip_grad_norm(model: torch.nn.Module, max_norm: float, world: int) -> torch.Tensor:
     """Global grad norm (sharded and replicated params alike), clipped in place when max_norm > 0. No host sync."""
     params = [p for p in model.parameters() if p.grad is not None]
@@ -380,6 +369,7 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
         _scheduler_step(scheduler)
         dt = time.perf_counter() - t0
         bar.update(1)
+        ops.raise_deferred_errors()  # sync: the step's deferred input checks, read with its metrics
         m = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in m.items()}  # sync: metrics
         m.update(grad_norm=update.grad_norm.item(), lr=lr, skipped=int(not update.finite))
         m.update(tok_per_s=m["tokens"] * run.world / dt, step_s=dt)
@@ -590,7 +580,9 @@ def train(
 ) -> dict:
     """Run both stages; returns a summary dict. stop_after = global step after which to checkpoint and return
     (simulates an interruption; used by the resume test)."""
-    with ops_backend(cfg.ops_backend):
+    # ops checks that read tensor values (labels in range, NaN rewards) run on the device and raise at the step's
+    # metrics sync (run_stage), so the micro-batch loop pays no host sync for them
+    with ops.backend(cfg.ops_backend), ops.value_checks("deferred"):
         return _train(cfg, resume=resume, run_dir=run_dir, stop_after=stop_after)
 
 
