@@ -108,11 +108,11 @@ def _row_bwd_kernel(
         g_ent = tl.load(g_ent_ptr + row)
         ent = tl.load(ent_ptr + row)
     cols0 = tl.arange(0, BLOCK_V)
+    read_to = tl.where(valid, V, 0)  # a masked row reads nothing and gets zeros
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + cols0
         in_v = cols < V
-        # a masked row reads nothing and gets zeros
-        log_p = tl.load(z_row + cols, mask=in_v & valid, other=0.0).to(tl.float32) * inv_temperature - lse
+        log_p = tl.load(z_row + cols, mask=cols < read_to, other=0.0).to(tl.float32) * inv_temperature - lse
         p = tl.exp(log_p)
         d = tl.where(cols == label, g, 0.0) - g * p
         if HAS_GRAD_ENTROPY:
@@ -179,6 +179,7 @@ def chunked_linear(
     grad_entropy: torch.Tensor | None = None,
     need_hidden: bool = False,
     need_weight: bool = False,
+    need_bias: bool = True,
     allow_tf32: bool = False,
 ) -> dict[str, torch.Tensor | None]:
     """The chunk loop. Modes:
@@ -187,7 +188,7 @@ def chunked_linear(
       gradients in the same loop (3 GEMMs).
     - recompute (forward=False, lse/entropy saved, grad_logp and optionally grad_entropy): gradients only.
     `valid` is uint8 [T] (0 = masked row). Returns a dict with logp, lse, entropy, dh (hidden dtype), dw (fp32),
-    db (fp32), each None when not computed."""
+    db (fp32, when need_bias and a bias is given), each None when not computed."""
     T, H = hidden.shape
     V = weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
@@ -210,7 +211,8 @@ def chunked_linear(
         if need_weight:
             out["dw"] = torch.zeros(V, H, dtype=torch.float32, device=device)
             dw_part = None if dtype == torch.float32 else torch.empty(V, H, dtype=dtype, device=device)
-        if bias is not None:
+        need_bias = need_bias and bias is not None
+        if need_bias:
             out["db"] = torch.zeros(V, dtype=torch.float32, device=device)
         if grad_logp is not None:
             grad_logp = grad_logp.float().contiguous()
@@ -255,6 +257,6 @@ def chunked_linear(
                 else:
                     torch.mm(z.t(), h_c, out=dw_part)
                     out["dw"].add_(dw_part)
-            if bias is not None:
+            if need_bias:
                 out["db"].add_(z.sum(0, dtype=torch.float32))
     return out

@@ -492,9 +492,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
             grad_logp = torch.zeros_like(lse)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         out = linear_chunked.chunked_linear(
-            hidden, weight, bias if need_bias else None, labels, valid, ctx.temperature, ctx.chunk, forward=False,
+            hidden, weight, bias, labels, valid, ctx.temperature, ctx.chunk, forward=False,
             lse=lse, entropy=entropy, grad_logp=grad_logp, grad_entropy=grad_entropy,
-            need_hidden=need_hidden, need_weight=need_weight, allow_tf32=ctx.allow_tf32,
+            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, allow_tf32=ctx.allow_tf32,
         )  # fmt: skip
         dw = out["dw"].to(weight.dtype) if need_weight else None
         db = out["db"].to(bias.dtype) if need_bias else None
@@ -536,7 +536,8 @@ class _ChunkedPolicyLoss(torch.autograd.Function):
 
         out = linear_chunked.chunked_linear(
             hidden, weight, bias, labels, valid, temperature, chunk, return_entropy=True, grad_fn=grad_fn,
-            need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1], allow_tf32=allow_tf32,
+            need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
+            need_bias=ctx.needs_input_grad[2], allow_tf32=allow_tf32,
         )  # fmt: skip
         loss, stats = loss_head.finalize(partials, seq.count)
         values = [stats[name] for name in reference.STAT_NAMES]
