@@ -397,7 +397,7 @@ def test_fp32_means_ieee_in_tiled_dots():
 
     cpu = torch.device("cpu")
     cuda = torch.device("cuda")
-    for kind in ("fwd", "bwd"):
+    for kind in ("fwd", "dh", "dw"):
         assert linear_logprob._blocks(cuda, torch.float32, False, kind)["PRECISION"] == "ieee"
         assert linear_logprob._blocks(cuda, torch.float32, True, kind)["PRECISION"] == "tf32"
         assert linear_logprob._blocks(cpu, torch.float32, False, kind)["PRECISION"] == "ieee"
@@ -430,3 +430,27 @@ def test_micro_batches_sum_to_the_step_loss(impl, loss_agg):
     assert total == pytest.approx(whole[0].item(), rel=1e-5, abs=1e-7)
     for got, want in ((h.grad, whole[2]), (w.grad, whole[3]), (bb.grad, whole[4])):
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU readiness without a GPU: compile for sm_80 / sm_90 and read ptxas' register and spill report
+
+
+@pytest.mark.slow
+def test_linear_kernels_compile_without_spills():
+    """benches/linear_kernel_regs.py compiles every linear-path kernel at its CUDA launch constants for sm_80 and
+    sm_90 (in a subprocess: the compiler needs the real JIT functions, not the interpreter's) and fails on a spill,
+    shared memory over the limit, or a half-precision tl.dot that is not a tensor-core mma. ~1-2 min on 2 cores."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    rep = subprocess.run([sys.executable, str(root / "benches" / "linear_kernel_regs.py")], capture_output=True,
+                         text=True, env=env, cwd=root, timeout=900)  # fmt: skip
+    print(rep.stdout)
+    assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
