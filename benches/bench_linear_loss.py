@@ -80,8 +80,19 @@ def providers(inputs, S, chunk_size):
     def ours(impl, cfg=CFG, old_logp=old):
         def run():
             h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-            loss, _ = ops.fused_linear_policy_loss(h, w, labels, old_logp, adv, seq_ids, mask, ref_logp=ref, cfg=cfg,
-                                                   impl=impl, chunk_size=chunk_size if impl == "chunked" else None)
+            loss, _ = ops.fused_linear_policy_loss(
+                h,
+                w,
+                labels,
+                old_logp,
+                adv,
+                seq_ids,
+                mask,
+                ref_logp=ref,
+                cfg=cfg,
+                impl=impl,
+                chunk_size=chunk_size if impl == "chunked" else None,
+            )
             return grads(loss, h, w)
 
         return run
@@ -190,8 +201,10 @@ def bench_one(T, H, V, S, dtype, device, small, wanted, facts, chunk_size=None):
         def fmt(x, spec):
             return format(x, spec) if x is not None else "-"
 
-        print(f"{r['provider']:<15}{r['ms']:>10.3f}{r['tflops']:>9.2f}{fmt(r['x_gemms'], '.2f'):>9}"
-              f"{fmt(r['peak_extra_mb'], '.0f'):>15}{fmt(r['x_liger'], '.2f'):>9}{fmt(r['mem_vs_liger'], '.2f'):>11}")
+        print(
+            f"{r['provider']:<15}{r['ms']:>10.3f}{r['tflops']:>9.2f}{fmt(r['x_gemms'], '.2f'):>9}"
+            f"{fmt(r['peak_extra_mb'], '.0f'):>15}{fmt(r['x_liger'], '.2f'):>9}{fmt(r['mem_vs_liger'], '.2f'):>11}"
+        )
         r.update(facts, T=T, H=H, V=V, dtype=str(dtype).removeprefix("torch."), ops_backend=ops.backend_for(device))
     return rows
 

@@ -39,9 +39,24 @@ def _dot(a, b, acc, DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _logits_tile(
-    h_tile, w_tile, b_ptr, r, valid, c, cols, V, H, stride_h, stride_w, inv_temperature,
-    HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    h_tile,
+    w_tile,
+    b_ptr,
+    r,
+    valid,
+    c,
+    cols,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """x[BLOCK_T, BLOCK_V] = (h[rows] @ W[cols]^T + b[cols]) / temperature in fp32; -inf outside V. h_tile, w_tile:
     int64 base pointers of the tile's first row / vocab row; r, c: int32 offsets inside the tile (few registers).
@@ -61,7 +76,17 @@ def _logits_tile(
 
 @triton.jit
 def _dlogits_tile(
-    x, valid, cols, labels, g, lse, g_ent, ent, V, inv_temperature, HAS_GRAD_ENTROPY: tl.constexpr,
+    x,
+    valid,
+    cols,
+    labels,
+    g,
+    lse,
+    g_ent,
+    ent,
+    V,
+    inv_temperature,
+    HAS_GRAD_ENTROPY: tl.constexpr,
 ):
     """d[BLOCK_T, BLOCK_V] = dL/dlogits (already divided by temperature); 0 outside V and on masked rows."""
     log_p = x - lse[:, None]
@@ -75,14 +100,29 @@ def _dlogits_tile(
 @triton.jit
 def _fwd_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, labels_ptr, valid_ptr, logp_ptr, lse_ptr, entropy_ptr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    labels_ptr,
+    valid_ptr,
+    logp_ptr,
+    lse_ptr,
+    entropy_ptr,
     # sizes, strides
-    T, V, H, stride_h, stride_w,
+    T,
+    V,
+    H,
+    stride_h,
+    stride_w,
     # scalars
     inv_temperature,
     # constants
-    HAS_BIAS: tl.constexpr, RETURN_ENTROPY: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RETURN_ENTROPY: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_T
@@ -99,8 +139,26 @@ def _fwd_kernel(
     # a block of masked rows runs zero iterations
     for v0 in range(0, tl.where(tl.max(valid.to(tl.int32), 0) > 0, V, 0), BLOCK_V):
         cols = v0 + c  # int32: V < 2^31
-        x = _logits_tile(h_tile, w_ptr + v0 * stride_w.to(tl.int64), b_ptr, r, valid, c, cols, V, H, stride_h,
-                         stride_w, inv_temperature, HAS_BIAS, BLOCK_T, BLOCK_V, BLOCK_H, DOT_UPCAST, PRECISION)
+        x = _logits_tile(
+            h_tile,
+            w_ptr + v0 * stride_w.to(tl.int64),
+            b_ptr,
+            r,
+            valid,
+            c,
+            cols,
+            V,
+            H,
+            stride_h,
+            stride_w,
+            inv_temperature,
+            HAS_BIAS,
+            BLOCK_T,
+            BLOCK_V,
+            BLOCK_H,
+            DOT_UPCAST,
+            PRECISION,
+        )
         # ---- online log-sum-exp over the vocab
         m_new = tl.maximum(m, tl.max(x, 1))
         scale = tl.exp(m - m_new)
@@ -121,14 +179,31 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_dh_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, labels_ptr, valid_ptr, g_ptr, lse_ptr, g_ent_ptr, ent_ptr, dh_ptr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    labels_ptr,
+    valid_ptr,
+    g_ptr,
+    lse_ptr,
+    g_ent_ptr,
+    ent_ptr,
+    dh_ptr,
     # sizes, strides
-    T, V, H, stride_h, stride_w,
+    T,
+    V,
+    H,
+    stride_h,
+    stride_w,
     # scalars
     inv_temperature,
     # constants
-    HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_T
@@ -151,8 +226,26 @@ def _bwd_dh_kernel(
     for v0 in range(0, tl.where(tl.max(valid.to(tl.int32), 0) > 0, V, 0), BLOCK_V):
         cols = v0 + c
         w_tile = w_ptr + v0 * stride_w.to(tl.int64)
-        x = _logits_tile(h_tile, w_tile, b_ptr, r, valid, c, cols, V, H, stride_h, stride_w, inv_temperature,
-                         HAS_BIAS, BLOCK_T, BLOCK_V, BLOCK_H, DOT_UPCAST, PRECISION)
+        x = _logits_tile(
+            h_tile,
+            w_tile,
+            b_ptr,
+            r,
+            valid,
+            c,
+            cols,
+            V,
+            H,
+            stride_h,
+            stride_w,
+            inv_temperature,
+            HAS_BIAS,
+            BLOCK_T,
+            BLOCK_V,
+            BLOCK_H,
+            DOT_UPCAST,
+            PRECISION,
+        )
         d = _dlogits_tile(x, valid, cols, labels, g, lse, g_ent, ent, V, inv_temperature, HAS_GRAD_ENTROPY)
         d = d.to(w_ptr.dtype.element_ty)
         # ---- dh[rows] += d @ W[cols]  (this program owns these rows: no other writer)
@@ -166,14 +259,32 @@ def _bwd_dh_kernel(
 @triton.jit
 def _bwd_dw_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, labels_ptr, valid_ptr, g_ptr, lse_ptr, g_ent_ptr, ent_ptr, dw_ptr, db_ptr,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    labels_ptr,
+    valid_ptr,
+    g_ptr,
+    lse_ptr,
+    g_ent_ptr,
+    ent_ptr,
+    dw_ptr,
+    db_ptr,
     # sizes, strides
-    T, V, H, stride_h, stride_w,
+    T,
+    V,
+    H,
+    stride_h,
+    stride_w,
     # scalars
     inv_temperature,
     # constants
-    HAS_BIAS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     col0 = tl.program_id(0) * BLOCK_V
@@ -198,8 +309,26 @@ def _bwd_dw_kernel(
             g_ent = tl.load(g_ent_ptr + rows, mask=valid, other=0.0) if HAS_GRAD_ENTROPY else g
             ent = tl.load(ent_ptr + rows, mask=valid, other=0.0) if HAS_GRAD_ENTROPY else g
             h_tile = h_ptr + t0 * stride_h.to(tl.int64)
-            x = _logits_tile(h_tile, w_tile, b_ptr, r, valid, c, cols, V, H, stride_h, stride_w, inv_temperature,
-                             HAS_BIAS, BLOCK_T, BLOCK_V, BLOCK_H, DOT_UPCAST, PRECISION)
+            x = _logits_tile(
+                h_tile,
+                w_tile,
+                b_ptr,
+                r,
+                valid,
+                c,
+                cols,
+                V,
+                H,
+                stride_h,
+                stride_w,
+                inv_temperature,
+                HAS_BIAS,
+                BLOCK_T,
+                BLOCK_V,
+                BLOCK_H,
+                DOT_UPCAST,
+                PRECISION,
+            )
             d = _dlogits_tile(x, valid, cols, labels, g, lse, g_ent, ent, V, inv_temperature, HAS_GRAD_ENTROPY)
             if HAS_BIAS:
                 db += tl.sum(d, 0)
@@ -240,8 +369,9 @@ def _blocks(device: torch.device, dtype: torch.dtype, allow_tf32: bool, kind: st
     return dict(BLOCK_T=16, BLOCK_V=16, BLOCK_H=16, DOT_UPCAST=True, PRECISION=precision)
 
 
-def linear_logprob_forward(hidden, weight, bias, labels, valid, temperature: float, return_entropy: bool,
-                           allow_tf32: bool = False):
+def linear_logprob_forward(
+    hidden, weight, bias, labels, valid, temperature: float, return_entropy: bool, allow_tf32: bool = False
+):
     """Returns (logp, lse, entropy or None), fp32 [T]; masked rows (valid 0) get 0 and are never read."""
     T, H = hidden.shape
     V = weight.shape[0]
@@ -260,8 +390,22 @@ def linear_logprob_forward(hidden, weight, bias, labels, valid, temperature: flo
     return logp, lse, (entropy if return_entropy else None)
 
 
-def linear_logprob_backward(hidden, weight, bias, labels, valid, lse, grad_logp, temperature: float, *,
-                            grad_entropy=None, entropy=None, need_hidden=True, need_weight=True, allow_tf32=False):
+def linear_logprob_backward(
+    hidden,
+    weight,
+    bias,
+    labels,
+    valid,
+    lse,
+    grad_logp,
+    temperature: float,
+    *,
+    grad_entropy=None,
+    entropy=None,
+    need_hidden=True,
+    need_weight=True,
+    allow_tf32=False,
+):
     """Returns (dhidden, dweight, dbias) in the inputs' dtypes (None where not needed); masked rows get exact zeros."""
     T, H = hidden.shape
     V = weight.shape[0]
@@ -279,14 +423,16 @@ def linear_logprob_backward(hidden, weight, bias, labels, valid, lse, grad_logp,
         blocks = _blocks(hidden.device, hidden.dtype, allow_tf32, "dh")
         dh = torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
         _bwd_dh_kernel[(triton.cdiv(T, blocks["BLOCK_T"]),)](
-            hidden, weight, b, labels, valid, grad_logp, lse, g_ent, ent, dh, *common, **flags, **blocks)
+            hidden, weight, b, labels, valid, grad_logp, lse, g_ent, ent, dh, *common, **flags, **blocks
+        )
         dh = dh.to(hidden.dtype)
     if need_weight or bias is not None:
         blocks = _blocks(hidden.device, hidden.dtype, allow_tf32, "dw")
         dw = torch.zeros(V, H, dtype=torch.float32, device=hidden.device)
         db32 = torch.zeros(V, dtype=torch.float32, device=hidden.device) if bias is not None else dw
         _bwd_dw_kernel[(triton.cdiv(V, blocks["BLOCK_V"]),)](
-            hidden, weight, b, labels, valid, grad_logp, lse, g_ent, ent, dw, db32, *common, **flags, **blocks)
+            hidden, weight, b, labels, valid, grad_logp, lse, g_ent, ent, dw, db32, *common, **flags, **blocks
+        )
         dw = dw.to(weight.dtype)
         db = db32.to(bias.dtype) if bias is not None else None
     return dh, dw, db

@@ -51,8 +51,20 @@ def run(fn, hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher, cf
     h = cast(hidden).detach().requires_grad_()
     w = cast(weight).detach().requires_grad_()
     bb = cast(b).detach().requires_grad_() if b is not None else None
-    loss, stats = fn(h, w, labels, old, adv, seq_ids, mask, bias=bb, ref_logp=ref, teacher_logp=teacher,
-                     temperature=temperature, cfg=cfg)
+    loss, stats = fn(
+        h,
+        w,
+        labels,
+        old,
+        adv,
+        seq_ids,
+        mask,
+        bias=bb,
+        ref_logp=ref,
+        teacher_logp=teacher,
+        temperature=temperature,
+        cfg=cfg,
+    )
     (loss * 1.3).backward()
     return loss.detach(), stats, h.grad, w.grad, (bb.grad if bb is not None else None)
 
@@ -101,8 +113,7 @@ def test_fused_linear_matches_reference(impl, cfg, dtype, bias, H):
 def test_linear_path_equals_logits_path(impl):
     hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(21, 32, 77, 3, torch.float32)
     cfg = LossConfig(kl_beta=0.1)
-    loss, stats, dh, dw, db = run(fused(impl), hidden, weight, b, labels, old, adv, seq_ids, mask,
-                                  ref, None, cfg, 1.0)
+    loss, stats, dh, dw, db = run(fused(impl), hidden, weight, b, labels, old, adv, seq_ids, mask, ref, None, cfg, 1.0)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     bb = b.clone().requires_grad_()
@@ -129,8 +140,7 @@ def test_logp_entropy_and_grads_match_reference(impl, dtype, H, bias):
         ((lp * g_logp).sum() + (en * g_ent).sum()).backward()
         return [lp.detach(), en.detach()] + [t.grad for t in ins if t is not None]
 
-    got, low, truth = go(linear(impl), False), go(R.token_logprobs_linear, False), go(
-        R.token_logprobs_linear, True)
+    got, low, truth = go(linear(impl), False), go(R.token_logprobs_linear, False), go(R.token_logprobs_linear, True)
     for name, a, lo, tr in zip(("logp", "entropy", "dhidden", "dweight", "dbias"), got, low, truth):
         assert_close_2x(name, a, lo, tr, dtype)
 
@@ -193,15 +203,17 @@ def test_bad_inputs():
 @pytest.mark.parametrize("H", [896, 3584])
 def test_big_shapes_on_gpu(impl, H):
     T, V = 16384, 151936
-    hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(T, H, V, 64, torch.bfloat16, bias=False,
-                                                                           device="cuda")
+    hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(
+        T, H, V, 64, torch.bfloat16, bias=False, device="cuda"
+    )
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     cfg = LossConfig(kl_beta=0.05)
     loss, _ = fused(impl, None)(h, w, labels, old, adv, seq_ids, mask, ref_logp=ref, cfg=cfg)
     loss.backward()
     # reference in row chunks: logp per chunk, then the loss on logp, then grads through a chunked autograd graph
-    logp = torch.cat([R.token_logprobs_linear(hc, weight, lc) for hc, lc in zip(hidden.split(1024),
-                                                                                 labels.split(1024))])
+    logp = torch.cat(
+        [R.token_logprobs_linear(hc, weight, lc) for hc, lc in zip(hidden.split(1024), labels.split(1024))]
+    )
     lp = logp.detach().requires_grad_()
     loss_r, _ = R.policy_loss(lp, old, adv, seq_ids, mask, ref_logp=ref, cfg=cfg)
     (g,) = torch.autograd.grad(loss_r, lp)
