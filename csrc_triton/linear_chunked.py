@@ -19,8 +19,10 @@ hidden rows are replaced by 0 before the GEMMs, so NaN there cannot reach any ou
 exact zero gradient.
 
 Memory beyond the outputs and the gradients: the chunk buffer C*V (input dtype), one [C, H] chunk of cleaned
-hidden states, for half inputs one [V, H] half buffer for each chunk's dW partial before its fp32 accumulation
-(the per-chunk partial is rounded to the input dtype once, then summed in fp32), and O(T) fp32 vectors.
+hidden states, and O(T) fp32 vectors. dW: half inputs accumulate straight into the fp32 buffer through cuBLAS
+(addmm with out_dtype=float32) where a one-time probe shows torch supports it; otherwise (CPU, older torch) each
+chunk's partial goes through one [V, H] half buffer (rounded to half once, then summed in fp32). Which is faster on
+a GPU has not been measured (no GPU in the session that wrote this).
 """
 
 from __future__ import annotations
@@ -147,6 +149,29 @@ def chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype, device: torch.de
     return max(1, min(c, num_tokens))
 
 
+_FP32_OUT_ADDMM: dict[torch.device, bool] = {}
+
+
+def _fp32_out_addmm_ok(device: torch.device) -> bool:
+    """Whether torch.addmm(acc32, a16, b16, out_dtype=float32, out=acc32) works here (cuBLAS: half inputs, fp32
+    C and D, the running dW sum never rounded to half). Probed once per device on tiny tensors and checked against
+    an fp32 product; CPU builds lack the op, so there the half partial goes through a [V, H] half buffer instead."""
+    if device.type != "cuda":
+        return False
+    if device not in _FP32_OUT_ADDMM:
+        try:
+            a = torch.randn(8, 16, device=device).to(torch.bfloat16)
+            b = torch.randn(16, 8, device=device).to(torch.bfloat16)
+            acc = torch.ones(8, 8, device=device)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            want = 1.0 + a.float() @ b.float()
+            ok = bool(torch.allclose(acc, want, atol=1e-3, rtol=1e-3))  # sync: one-time capability probe
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _FP32_OUT_ADDMM[device] = ok
+    return _FP32_OUT_ADDMM[device]
+
+
 @contextlib.contextmanager
 def _tf32(device: torch.device, allow: bool):
     """fp32 GEMMs are IEEE fp32 unless the caller opted into TF32 (restores torch's global flag on exit)."""
@@ -210,7 +235,8 @@ def chunked_linear(
             out["dh"] = torch.empty(T, H, dtype=dtype, device=device)
         if need_weight:
             out["dw"] = torch.zeros(V, H, dtype=torch.float32, device=device)
-            dw_part = None if dtype == torch.float32 else torch.empty(V, H, dtype=dtype, device=device)
+            fp32_out = dtype != torch.float32 and _fp32_out_addmm_ok(device)
+            dw_part = None if dtype == torch.float32 or fp32_out else torch.empty(V, H, dtype=dtype, device=device)
         need_bias = need_bias and bias is not None
         if need_bias:
             out["db"] = torch.zeros(V, dtype=torch.float32, device=device)
@@ -252,8 +278,10 @@ def chunked_linear(
             if need_hidden:
                 torch.mm(z, weight, out=out["dh"][c0:c1])
             if need_weight:
-                if dw_part is None:
+                if dtype == torch.float32:
                     out["dw"].addmm_(z.t(), h_c)
+                elif fp32_out:
+                    torch.addmm(out["dw"], z.t(), h_c, out_dtype=torch.float32, out=out["dw"])
                 else:
                     torch.mm(z.t(), h_c, out=dw_part)
                     out["dw"].add_(dw_part)

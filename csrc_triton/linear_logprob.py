@@ -14,10 +14,16 @@ Kernels (each logits tile is [BLOCK_T, BLOCK_V], reduced over H in BLOCK_H chunk
                        program's own rows of an fp32 dW buffer (and db).
 Every output element has exactly one writing program and a fixed summation order: bit-identical runs, no atomics.
 
+Masked rows (valid = 0: label -100 or out of range, or outside the loss mask) are never read: their hidden rows load
+as 0, a tile of only masked rows is skipped, and their gradients are exact zeros (NaN there cannot leak).
+fp32 inputs use IEEE fp32 dots (input_precision="ieee") unless the caller opts into TF32.
+
+This is impl="tiled", the minimum-memory option; impl="chunked" (linear_chunked.py) is the fast one.
 Cost: 5 GEMM-equivalents of 2*T*V*H FLOPs (forward 1; backward 2 recomputes + 2 gradient GEMMs) against the
-3-GEMM floor of a materialising implementation; a no-materialisation design needs at least 4. The backward's
-read-modify-write of the fp32 dh / dW rows per tile is extra traffic that has not yet been measured on a GPU.
-Memory: O(T) fp32 per-token buffers, fp32 dh [T, H] and dW [V, H]; nothing of size T*V.
+3-GEMM floor of a materialising implementation, plus the backward's read-modify-write of fp32 dh / dW rows per
+tile (not yet measured on a GPU). Memory: O(T) fp32 per-token buffers, fp32 dh [T, H] and dW [V, H]; nothing of
+size T*V. Tiles, warps and stages per kernel and dtype are in _CUDA_TILES (no register spill on sm_80 or sm_90;
+benches/linear_kernel_regs.py prints the table).
 """
 
 from __future__ import annotations
