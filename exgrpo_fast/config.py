@@ -335,6 +335,8 @@ def _leaves() -> dict[str, tuple[Any, Any, str]]:
 def _base_type(tp: Any) -> tuple[type, bool]:
     """(scalar type, optional?) of a field annotation like `float | None`."""
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Literal:  # LossConfig's option types (exgrpo_fast.loss_spec)
+        return type(args[0]), False
     if args:
         non_none = [a for a in args if a is not type(None)]
         return non_none[0], len(non_none) < len(args)
