@@ -222,7 +222,9 @@ def chunked_linear(
     labels, valid = labels.contiguous(), valid.contiguous()
     if bias is not None:
         bias = bias.to(dtype).contiguous()
-    has_grad = grad_fn is not None or grad_logp is not None
+    need_bias = need_bias and bias is not None
+    # grad_fn is always called (it also produces the loss); the gradient work runs only when some gradient is needed
+    has_grad = (grad_fn is not None or grad_logp is not None) and (need_hidden or need_weight or need_bias)
     has_grad_ent = grad_entropy is not None
     out: dict[str, torch.Tensor | None] = dict(logp=None, lse=None, entropy=None, dh=None, dw=None, db=None)
     if forward:
@@ -237,7 +239,6 @@ def chunked_linear(
             out["dw"] = torch.zeros(V, H, dtype=torch.float32, device=device)
             fp32_out = dtype != torch.float32 and _fp32_out_addmm_ok(device)
             dw_part = None if dtype == torch.float32 or fp32_out else torch.empty(V, H, dtype=dtype, device=device)
-        need_bias = need_bias and bias is not None
         if need_bias:
             out["db"] = torch.zeros(V, dtype=torch.float32, device=device)
         if grad_logp is not None:
@@ -264,9 +265,11 @@ def chunked_linear(
                     z, labels[c0:c1], v_c, out["logp"][c0:c1], out["lse"][c0:c1], ent_c, V, z.stride(0), inv_t,
                     RETURN_ENTROPY=return_entropy, **blocks,
                 )  # fmt: skip
+            g_c = grad_fn(c0, c1, out["logp"][c0:c1]) if grad_fn is not None else None
             if not has_grad:
                 continue
-            g_c = grad_fn(c0, c1, out["logp"][c0:c1]) if grad_fn is not None else grad_logp[c0:c1]
+            if g_c is None:
+                g_c = grad_logp[c0:c1]
             g_ent_c = grad_entropy[c0:c1] if has_grad_ent else g_c
             ent_c = entropy[c0:c1] if has_grad_ent else g_c
             # ---- dZ in place

@@ -466,3 +466,17 @@ def test_linear_kernels_compile_without_spills():
                          text=True, env=env, cwd=root, timeout=900)  # fmt: skip
     print(rep.stdout)
     assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_loss_under_no_grad(impl):
+    """Evaluation under no_grad: the same loss and stats, no gradient work needed."""
+    hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(37, 24, 101, 4, torch.float32)
+    cfg = LossConfig(kl_beta=0.1)
+    with torch.no_grad():
+        loss, stats = fused(impl)(hidden, weight, labels, old, adv, seq_ids, mask, bias=b, ref_logp=ref, cfg=cfg)
+    want, want_stats = R.fused_linear_policy_loss(hidden, weight, labels, old, adv, seq_ids, mask, bias=b,
+                                                  ref_logp=ref, cfg=cfg)  # fmt: skip
+    assert not loss.requires_grad
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    assert stats["entropy"].item() == pytest.approx(want_stats["entropy"].item(), rel=1e-5)
