@@ -480,3 +480,50 @@ def test_fused_loss_under_no_grad(impl):
     assert not loss.requires_grad
     assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
     assert stats["entropy"].item() == pytest.approx(want_stats["entropy"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_inputs_property(seed):
+    """Random shapes, chunk sizes, dtypes, temperatures, loss configs, masks, -100 labels, NaN in masked rows and
+    strided hidden: every output and gradient of both impls against the reference on the clean input."""
+    rng = torch.Generator().manual_seed(1000 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    T, H, V, S = pick([5, 23, 41]), pick([8, 17, 33]), pick([31, 77, 130]), pick([1, 3, 6])
+    dtype = pick([torch.float32, torch.bfloat16])
+    cfg = LossConfig(
+        loss_type=pick(["ppo", "cispo"]),
+        ratio_level=pick(["token", "sequence"]),
+        loss_agg=pick(list(R.LOSS_AGGS)),
+        kl_estimator=pick(list(R.KL_ESTIMATORS)),
+        kl_beta=pick([0.0, 0.1]),
+        teacher_beta=pick([0.0, 0.2]),
+        dual_clip_c=pick([None, 2.5]),
+    )
+    temperature = pick([0.7, 1.0, 1.3])
+    hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(T, H, V, S, dtype, bias=pick([True, False]))
+    labels[torch.rand(T, generator=rng) < 0.15] = -100
+    on_policy = pick([True, False])
+    masked = (~mask) | (labels == -100)
+    dirty = torch.zeros(T, 2 * H, dtype=dtype)
+    dirty[:, ::2] = hidden
+    dirty[masked, ::2] = float("nan")
+    want = run(R.fused_linear_policy_loss, hidden, weight, b, labels, None if on_policy else old, adv, seq_ids, mask,
+               ref, teacher, cfg, temperature, upcast=True)  # fmt: skip
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for impl in IMPLS:
+        chunk = pick([1, 7, 64])
+        got = run(fused(impl, chunk), dirty[:, ::2], weight, b, labels, None if on_policy else old, adv, seq_ids, mask,
+                  ref, teacher, cfg, temperature)  # fmt: skip
+        assert got[0].item() == pytest.approx(want[0].item(), rel=tol, abs=tol), (impl, cfg)
+        for k in want[1]:
+            assert got[1][k].item() == pytest.approx(want[1][k].item(), rel=tol, abs=tol), (impl, k, cfg)
+        for name, g, w in zip(("dh", "dw", "db"), got[2:], want[2:]):
+            if w is None:
+                continue
+            assert torch.isfinite(g).all(), (impl, name)
+            err = (g.float() - w.float()).abs().max().item()
+            assert err <= tol * (1 + w.abs().max().item()), (impl, name, err, cfg)
+        assert torch.count_nonzero(got[2][masked]) == 0, impl
