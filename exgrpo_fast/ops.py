@@ -36,11 +36,12 @@ from typing import Iterator
 
 import torch
 
-from exgrpo_fast import reference
-from exgrpo_fast.reference import LossConfig
+from exgrpo_fast import loss_spec, reference
+from exgrpo_fast.loss_spec import LossConfig, LossNorm
 
 __all__ = [
     "LossConfig",
+    "LossNorm",
     "token_logprobs",
     "group_advantages",
     "policy_loss",
@@ -459,14 +460,17 @@ class _PolicyLoss(torch.autograd.Function):
     """The loss head: forward computes the loss, stats and g = dL/dlogp at once; backward scales g."""
 
     @staticmethod
-    def forward(ctx, logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg):
+    def forward(ctx, logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, params):
         from csrc_triton import loss_head
 
-        loss, grad, stats = loss_head.loss_head(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg)
+        loss, grad, stats = loss_head.loss_head(
+            logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, loss_head.HeadParams(**params)
+        )
+        values = [stats[name] for name in reference.STAT_NAMES]
         ctx.logp_dtype = logp.dtype
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(*stats.values())
-        return (loss, *stats.values())
+        ctx.mark_non_differentiable(*values)
+        return (loss, *values)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):
@@ -474,19 +478,29 @@ class _PolicyLoss(torch.autograd.Function):
         return (grad * grad_loss).to(ctx.logp_dtype), None, None, None, None, None, None, None
 
 
-def _policy_loss(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg):
-    """policy_loss without validation (the fused ops validate once and call this)."""
+def _policy_loss(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg, norm=None):
+    """policy_loss without validation (the fused ops validate once and call this). old_logp=None: on-policy (the
+    detached logp itself, so the ratio is exactly 1); norm: the optimizer step's LossNorm or None."""
     if backend_for(logp.device) == "reference":
         return reference.policy_loss(
-            logp, old_logp, advantages, seq_ids, mask, ref_logp=ref_logp, teacher_logp=teacher_logp, cfg=cfg
-        )
-    loss, *values = _PolicyLoss.apply(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg)
+            logp, old_logp, advantages, seq_ids, mask, ref_logp=ref_logp, teacher_logp=teacher_logp, cfg=cfg,
+            norm=norm,
+        )  # fmt: skip
+    if old_logp is None:
+        old_logp = logp.detach()
+    params = loss_spec.kernel_args(cfg, norm)
+    loss, *values = _PolicyLoss.apply(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, params)
     return loss, dict(zip(reference.STAT_NAMES, values))
+
+
+def _check_norm(norm) -> None:
+    if norm is not None and not isinstance(norm, LossNorm):
+        raise TypeError(f"norm must be an exgrpo_fast.ops.LossNorm or None, got {type(norm).__name__}")
 
 
 def policy_loss(
     logp: torch.Tensor,
-    old_logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     seq_ids: torch.Tensor,
     mask: torch.Tensor,
@@ -494,14 +508,18 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     teacher_logp: torch.Tensor | None = None,
     cfg: LossConfig | None = None,
+    norm: LossNorm | None = None,
 ):
-    """(loss, stats) of the clipped policy loss; differentiable w.r.t. logp. See reference.policy_loss."""
+    """(loss, stats) of the clipped policy loss; differentiable w.r.t. logp. See reference.policy_loss.
+    old_logp=None means on-policy (ratio 1). norm: the whole optimizer step's LossNorm (then this call's loss is its
+    share of the step loss); None = this batch's own."""
     _check_tensor("logp", logp, ndim=1)
     _check_float("logp", logp)
+    _check_norm(norm)
     cfg = _check_token_inputs(
         "logp", logp.shape[0], logp.device, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg
     )
-    return _policy_loss(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg)
+    return _policy_loss(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg, norm)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -545,22 +563,49 @@ def fused_policy_loss(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# linear (LM head) path  (csrc_triton/linear_logprob.py)
+# linear (LM head) path: impl="chunked" (csrc_triton/linear_chunked.py: vendor GEMMs on token chunks around an
+# in-place Triton row kernel) or impl="tiled" (csrc_triton/linear_logprob.py: all-Triton, minimum memory)
+
+_LINEAR_IMPLS = ("auto", "chunked", "tiled")
+
+
+def _linear_impl(impl: str, device: torch.device) -> str:
+    if impl not in _LINEAR_IMPLS:
+        raise ValueError(f"impl={impl!r}: expected one of {_LINEAR_IMPLS}")
+    if impl == "auto":
+        return "chunked" if device.type == "cuda" else "tiled"
+    return impl
+
+
+def _valid_rows(labels: torch.Tensor, vocab: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [T]: 1 where the row counts (label in [0, V), and mask set). Label -100 (and, with value checks off, any
+    out-of-range label) marks a masked row, which the kernels never read."""
+    valid = (labels >= 0) & (labels < vocab)
+    if mask is not None:
+        valid &= mask != 0
+    return valid.view(torch.uint8)
+
+
+def _chunk(chunk_size: int | None, hidden: torch.Tensor, weight: torch.Tensor) -> int:
+    from csrc_triton import linear_chunked
+
+    return linear_chunked.chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device, chunk_size)
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """logp (and entropy) of labels under the LM head, without ever holding [T, V] logits; the backward recomputes
-    the logit tiles from the saved fp32 log-sum-exp."""
+    """impl="tiled": logp (and entropy) of labels under the LM head, without ever holding [T, V] logits; the
+    backward recomputes the logit tiles from the saved fp32 log-sum-exp (5 GEMM-equivalents in all)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature: float, return_entropy: bool):
+    def forward(ctx, hidden, weight, bias, labels, valid, temperature: float, return_entropy: bool, allow_tf32: bool):
         from csrc_triton import linear_logprob
 
         logp, lse, entropy = linear_logprob.linear_logprob_forward(
-            hidden, weight, bias, labels, temperature, return_entropy
+            hidden, weight, bias, labels, valid, temperature, return_entropy, allow_tf32
         )
-        ctx.temperature = temperature
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        ctx.temperature, ctx.allow_tf32 = temperature, allow_tf32
+        ctx.set_materialize_grads(False)  # an unused entropy output costs nothing in the backward
+        ctx.save_for_backward(hidden, weight, bias, labels, valid, lse, entropy)
         if return_entropy:
             return logp, entropy
         return logp
@@ -569,15 +614,120 @@ class _LinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy=None):
         from csrc_triton import linear_logprob
 
-        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, labels, valid, lse, entropy = ctx.saved_tensors
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         dh, dw, db = linear_logprob.linear_logprob_backward(
-            hidden, weight, bias, labels, lse, grad_logp, ctx.temperature,
-            grad_entropy=grad_entropy, entropy=entropy, need_hidden=need_hidden, need_weight=need_weight or need_bias,
+            hidden, weight, bias, labels, valid, lse, grad_logp, ctx.temperature,
+            grad_entropy=grad_entropy, entropy=entropy, need_hidden=need_hidden,
+            need_weight=need_weight or need_bias, allow_tf32=ctx.allow_tf32,
         )  # fmt: skip
-        return dh, dw if need_weight else None, db if need_bias else None, None, None, None
+        return dh, dw if need_weight else None, db if need_bias else None, None, None, None, None, None
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """impl="chunked", gradient unknown in the forward: the forward keeps [T] values only (logp, lse, entropy) and
+    the backward recomputes each chunk's logits (4 GEMMs in all)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, valid, temperature, return_entropy, chunk, allow_tf32):
+        from csrc_triton import linear_chunked
+
+        out = linear_chunked.chunked_linear(
+            hidden, weight, bias, labels, valid, temperature, chunk, return_entropy=return_entropy,
+            allow_tf32=allow_tf32,
+        )  # fmt: skip
+        ctx.temperature, ctx.chunk, ctx.allow_tf32 = temperature, chunk, allow_tf32
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, weight, bias, labels, valid, out["lse"], out["entropy"])
+        if return_entropy:
+            return out["logp"], out["entropy"]
+        return out["logp"]
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        from csrc_triton import linear_chunked
+
+        hidden, weight, bias, labels, valid, lse, entropy = ctx.saved_tensors
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        out = linear_chunked.chunked_linear(
+            hidden, weight, bias, labels, valid, ctx.temperature, ctx.chunk, forward=False,
+            lse=lse, entropy=entropy, grad_logp=grad_logp, grad_entropy=grad_entropy,
+            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, allow_tf32=ctx.allow_tf32,
+        )  # fmt: skip
+        dw = out["dw"].to(weight.dtype) if need_weight else None
+        db = out["db"].to(bias.dtype) if need_bias else None
+        return out["dh"], dw, db, None, None, None, None, None, None
+
+
+class _ChunkedPolicyLoss(torch.autograd.Function):
+    """impl="chunked", per-token gradient known in the forward (token-level ratio, or on-policy): the forward runs
+    the loss head's token phase on each chunk as soon as its log-probs exist, and the gradient GEMMs in the same
+    chunk loop (3 GEMMs in all); the backward only scales the saved gradients by dL/dloss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, valid, old_logp, advantages, seq_ids, ref_logp, teacher_logp,
+                params, temperature, chunk, allow_tf32):  # fmt: skip
+        from csrc_triton import linear_chunked, loss_head
+
+        T, device = hidden.shape[0], hidden.device
+        p = loss_head.HeadParams(**params)
+        seq = loss_head.seq_phase(seq_ids, valid, advantages.shape[0], p)  # counts and weights only: no logp needed
+        starts = list(range(0, T, chunk))
+        cols = [0]
+        for c0 in starts:
+            cols.append(cols[-1] + loss_head.num_partial_blocks(min(c0 + chunk, T) - c0, device))
+        partials = torch.empty(len(loss_head.ROWS), cols[-1], dtype=torch.float32, device=device)
+        grad = torch.empty(T, dtype=torch.float32, device=device)
+
+        def grad_fn(c0: int, c1: int, logp_c: torch.Tensor) -> torch.Tensor:
+            i = c0 // chunk
+
+            def sl(x):
+                return x[c0:c1] if x is not None else None
+
+            old_c = logp_c if old_logp is None else old_logp[c0:c1]  # on-policy: ratio exactly 1
+            loss_head.token_phase(
+                logp_c, old_c, advantages, seq_ids[c0:c1], valid[c0:c1], sl(ref_logp), sl(teacher_logp), seq, p,
+                grad[c0:c1], partials[:, cols[i] : cols[i + 1]],
+            )  # fmt: skip
+            return grad[c0:c1]
+
+        out = linear_chunked.chunked_linear(
+            hidden, weight, bias, labels, valid, temperature, chunk, return_entropy=True, grad_fn=grad_fn,
+            need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
+            need_bias=ctx.needs_input_grad[2], allow_tf32=allow_tf32,
+        )  # fmt: skip
+        loss, stats = loss_head.finalize(partials, seq.count)
+        values = [stats[name] for name in reference.STAT_NAMES]
+        values.append(reference.masked_mean(out["entropy"], valid))
+        ctx.grads = (out["dh"], out["dw"], out["db"])
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(*values)
+        return (loss, *values)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_stat_grads):
+        grads = []
+        for g, dtype in zip(ctx.grads, ctx.dtypes):
+            grads.append(None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dtype))
+        ctx.grads = None
+        need_bias = ctx.needs_input_grad[2]
+        return grads[0], grads[1], grads[2] if need_bias else None, *([None] * 11)
+
+
+def _check_labels_linear(labels: torch.Tensor, vocab: int) -> None:
+    """Labels in [0, V) or -100 (ignored). Reads values: a host sync, skipped when value checks are off (then
+    out-of-range labels are treated as masked rows; nothing is read out of bounds either way)."""
+    if not _value_checks or labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != loss_spec.IGNORE_INDEX)
+    if bool(bad.any()):  # sync: input validation
+        lo, hi = int(labels[bad].min()), int(labels[bad].max())
+        raise ValueError(f"labels must lie in [0, V={vocab}) or be -100 (ignored), found values in [{lo}, {hi}]")
 
 
 def _check_linear_inputs(hidden, weight, labels, bias) -> None:
@@ -592,13 +742,19 @@ def _check_linear_inputs(hidden, weight, labels, bias) -> None:
         raise ValueError("weight has V=0 rows")
     if bias is not None:
         _check_tensor("bias", bias, ndim=1, device=hidden.device)
+        _check_float("bias", bias)
         _check_len("bias", bias, weight.shape[0], "V (weight.shape[0])")
     _check_tensor("labels", labels, ndim=1, device=hidden.device)
     _check_index("labels", labels)
     _check_len("labels", labels, hidden.shape[0], "T (hidden.shape[0])")
     if hidden.shape[0] == 0:
         raise ValueError("hidden is empty: the batch has no tokens")
-    _check_range("labels", labels, weight.shape[0], "V")
+    _check_labels_linear(labels, weight.shape[0])
+
+
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r}: expected a positive int or None (auto)")
 
 
 def token_logprobs_linear(
@@ -609,35 +765,56 @@ def token_logprobs_linear(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    allow_tf32: bool = False,
 ):
     """logp[T] fp32 (and entropy[T]) of labels under logits = hidden @ weight^T (+ bias), without materialising
-    [T, V]. Under no_grad (old, reference and teacher log-probs) nothing is saved; when hidden, weight or bias
-    require grad it is differentiable (the SFT stage's cross-entropy)."""
+    [T, V]. Labels equal to -100 are masked rows: logp and entropy 0, exact zero gradient, never read. Under
+    no_grad (old, reference and teacher log-probs) nothing is saved; when hidden, weight or bias require grad it is
+    differentiable (the SFT stage's cross-entropy).
+
+    impl: "chunked" (vendor GEMMs on chunks of chunk_size tokens, auto-sized from free memory; the CUDA default),
+    "tiled" (all-Triton, least memory; the default elsewhere) or "auto". allow_tf32: let fp32 inputs use TF32
+    tensor cores (default: IEEE fp32 products)."""
     _check_linear_inputs(hidden, weight, labels, bias)
     temperature = _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+    impl = _linear_impl(impl, hidden.device)
     if backend_for(hidden.device) == "reference":
         return reference.token_logprobs_linear(
             hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy
         )
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
+    valid = _valid_rows(labels, weight.shape[0])
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if impl == "chunked":
+        chunk = _chunk(chunk_size, hidden, weight)
+        if not needs_grad:
+            from csrc_triton import linear_chunked
+
+            out = linear_chunked.chunked_linear(
+                hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, valid, temperature,
+                chunk, return_entropy=return_entropy, allow_tf32=allow_tf32,
+            )  # fmt: skip
+            return (out["logp"], out["entropy"]) if return_entropy else out["logp"]
+        return _ChunkedLogprobs.apply(hidden, weight, bias, labels, valid, temperature, return_entropy, chunk,
+                                      allow_tf32)  # fmt: skip
     if not needs_grad:
         from csrc_triton import linear_logprob
 
         logp, _, entropy = linear_logprob.linear_logprob_forward(
-            hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, temperature,
-            return_entropy,
-        )
+            hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, valid, temperature,
+            return_entropy, allow_tf32,
+        )  # fmt: skip
         return (logp, entropy) if return_entropy else logp
-    return _LinearLogprobs.apply(hidden, weight, bias, labels, temperature, return_entropy)
+    return _LinearLogprobs.apply(hidden, weight, bias, labels, valid, temperature, return_entropy, allow_tf32)
 
 
 def fused_linear_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    old_logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     seq_ids: torch.Tensor,
     mask: torch.Tensor,
@@ -647,20 +824,47 @@ def fused_linear_policy_loss(
     teacher_logp: torch.Tensor | None = None,
     temperature: float = 1.0,
     cfg: LossConfig | None = None,
+    norm: LossNorm | None = None,
+    impl: str = "auto",
+    chunk_size: int | None = None,
+    allow_tf32: bool = False,
 ):
     """(loss, stats) from hidden[T, H] and the LM head weight[V, H] (+ bias[V]); grads for hidden, weight and bias.
-    The logits never exist in memory: the loss head gives g = dL/dlogp and the backward recomputes logit tiles."""
+    The [T, V] logits never exist. stats also hold the masked mean entropy.
+
+    old_logp=None means on-policy: ratio 1 (old = the detached current log-probs), so no separate no-grad LM-head
+    pass is needed for the old log-probs. Tokens with label -100 count as masked. norm: the optimizer step's
+    LossNorm (then this micro-batch's loss is its share of the step loss); None = this batch's own.
+
+    impl="chunked" (CUDA default): 3 GEMMs when the per-token gradient is known in the forward (token-level ratio,
+    or on-policy), else 4 (GSPO with old_logp); memory chunk_size*V*2 bytes beyond the gradients. impl="tiled":
+    all-Triton, 5 GEMM-equivalents, least memory. allow_tf32: TF32 for fp32 inputs (default IEEE fp32)."""
     _check_linear_inputs(hidden, weight, labels, bias)
     temperature = _check_temperature(temperature)
+    _check_chunk_size(chunk_size)
+    _check_norm(norm)
+    impl = _linear_impl(impl, hidden.device)
     cfg = _check_token_inputs(
         "hidden", hidden.shape[0], hidden.device, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg
     )
     if backend_for(hidden.device) == "reference":
         return reference.fused_linear_policy_loss(
             hidden, weight, labels, old_logp, advantages, seq_ids, mask,
-            bias=bias, ref_logp=ref_logp, teacher_logp=teacher_logp, temperature=temperature, cfg=cfg,
+            bias=bias, ref_logp=ref_logp, teacher_logp=teacher_logp, temperature=temperature, cfg=cfg, norm=norm,
         )  # fmt: skip
-    logp, entropy = _LinearLogprobs.apply(hidden, weight, bias, labels, temperature, True)
-    loss, stats = _policy_loss(logp, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg)
-    stats["entropy"] = reference.masked_mean(entropy.detach(), mask)
+    valid = _valid_rows(labels, weight.shape[0], mask)
+    if impl == "chunked":
+        chunk = _chunk(chunk_size, hidden, weight)
+        if cfg.ratio_level == "token" or old_logp is None:
+            loss, *values = _ChunkedPolicyLoss.apply(
+                hidden, weight, bias, labels, valid, old_logp, advantages, seq_ids, ref_logp, teacher_logp,
+                loss_spec.kernel_args(cfg, norm), temperature, chunk, allow_tf32,
+            )  # fmt: skip
+            return loss, dict(zip((*reference.STAT_NAMES, "entropy"), values))
+        logp, entropy = _ChunkedLogprobs.apply(hidden, weight, bias, labels, valid, temperature, True, chunk,
+                                               allow_tf32)  # fmt: skip
+    else:
+        logp, entropy = _LinearLogprobs.apply(hidden, weight, bias, labels, valid, temperature, True, allow_tf32)
+    loss, stats = _policy_loss(logp, old_logp, advantages, seq_ids, valid, ref_logp, teacher_logp, cfg, norm)
+    stats["entropy"] = reference.masked_mean(entropy.detach(), valid)
     return loss, stats
