@@ -385,9 +385,11 @@ _DTYPES = ("fp32", "bf16", "fp16")
 def scenarios(full: bool) -> list[tuple[str, Callable[[], None]]]:
     """(name, thunk) for each public-op call of the sweep. Thunks run under fake_cuda().
 
-    quick: bf16 and fp32, V in {1000, 151936}, a base and a rich loss config, entropy on/off, bias on/off.
-    full: also fp16, V in {50, 1000, 4000, 32000, 151936}, T not a multiple of 16, every loss option, strided
-    logits, temperature != 1, every advantage scale."""
+    quick (the default test run): bf16 logits at V in {1000, 151936}, entropy off/used/unused; a base and a rich
+    loss config; the LM-head path in bf16 and fp32 at V=151936 with bias, entropy used, grads for hidden+weight.
+    full: fp32/bf16/fp16 everywhere, V in {50, 1000, 4000, 32000, 151936}, T a multiple of 16 or not, every loss
+    option, in-place or not, strided logits, temperature != 1, every advantage scale, bias on/off, entropy on/off,
+    every gradient combination, every `impl`."""
     import torch
 
     from exgrpo_fast import ops
@@ -396,9 +398,11 @@ def scenarios(full: bool) -> list[tuple[str, Callable[[], None]]]:
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     dev = "cuda"
     S = 8
-    dtypes = _DTYPES if full else ("fp32", "bf16")
+    dtypes = _DTYPES if full else ("bf16",)
     vocab = (50, 1000, 4000, 32000, 151936) if full else (1000, 151936)
     token_counts = (4096, 1000) if full else (4096,)
+    lin_dtypes = _DTYPES if full else ("bf16", "fp32")
+    lin_vocab = vocab if full else (151936,)
     H = 896
 
     base = LossConfig()
@@ -408,8 +412,12 @@ def scenarios(full: bool) -> list[tuple[str, Callable[[], None]]]:
     if full:
         loss_cfgs += [
             ("cispo", LossConfig(loss_type="cispo")),
-            ("cispo-seq-kl-teacher", LossConfig(loss_type="cispo", ratio_level="sequence", kl_estimator="abs",
-                                                kl_beta=0.1, teacher_beta=0.1)),  # fmt: skip
+            (
+                "cispo-seq-kl-teacher",
+                LossConfig(
+                    loss_type="cispo", ratio_level="sequence", kl_estimator="abs", kl_beta=0.1, teacher_beta=0.1
+                ),
+            ),  # fmt: skip
             ("seq", LossConfig(ratio_level="sequence")),
             ("dual", LossConfig(dual_clip_c=3.0)),
             ("delta", LossConfig(delta=2.0)),
@@ -491,7 +499,7 @@ def scenarios(full: bool) -> list[tuple[str, Callable[[], None]]]:
 
     # ---- fused_policy_loss
     for d, V, T in ((d, V, T) for d in dtypes for V in vocab for T in token_counts):
-        for name, cfg in loss_cfgs[:2]:
+        for name, cfg in loss_cfgs[:2] if full else loss_cfgs[:1]:
 
             def f(d=d, V=V, T=T, cfg=cfg):
                 logits = torch.randn(T, V, device=dev, dtype=dt[d], requires_grad=True)
@@ -506,12 +514,12 @@ def scenarios(full: bool) -> list[tuple[str, Callable[[], None]]]:
 
     # ---- the LM-head path: token_logprobs_linear and fused_linear_policy_loss
     grad_sets = {"hidden+weight": (True, True), "hidden": (True, False), "weight": (False, True)}
-    for d, V, T in ((d, V, T) for d in dtypes for V in vocab for T in token_counts):
-        for bias in (False, True):
+    for d, V, T in ((d, V, T) for d in lin_dtypes for V in lin_vocab for T in token_counts):
+        for bias in (False, True) if full else (True,):
             for impl in _impl_values(ops.token_logprobs_linear):
                 kw = {} if impl is None else {"impl": impl}
-                for ent in ("off", "used"):
-                    for gname in ("none", *grad_sets) if full else ("none", "hidden+weight"):
+                for ent in ("off", "used") if full else ("used",):
+                    for gname in ("none", *grad_sets) if full else ("hidden+weight",):
 
                         def f(d=d, V=V, T=T, bias=bias, kw=kw, ent=ent, gname=gname):
                             gh, gw = grad_sets.get(gname, (False, False))
@@ -529,7 +537,7 @@ def scenarios(full: bool) -> list[tuple[str, Callable[[], None]]]:
                                     f"grad={gname}{tag}", f))  # fmt: skip
             for impl in _impl_values(ops.fused_linear_policy_loss):
                 kw = {} if impl is None else {"impl": impl}
-                for name, cfg in loss_cfgs[:2]:
+                for name, cfg in loss_cfgs[:2] if full else loss_cfgs[:1]:
 
                     def f(d=d, V=V, T=T, bias=bias, kw=kw, cfg=cfg):
                         hidden = torch.randn(T, H, device=dev, dtype=dt[d], requires_grad=True)
@@ -611,22 +619,20 @@ class _PtxasLogTap:
 
 
 @contextlib.contextmanager
-def _fresh_compiles() -> Iterator[None]:
-    """A private, empty Triton cache (so ptxas runs and its log is seen) and the ptxas log tap."""
+def _fresh_compiles(cache_dir: str) -> Iterator[None]:
+    """An empty private Triton cache and always-compile (so ptxas runs and its log is seen), and the log tap."""
     import triton
     from triton.backends.nvidia import compiler as nv
 
-    tmp = tempfile.TemporaryDirectory(prefix="aot-triton-cache-")
     prev_sub = nv.subprocess
     nv.subprocess = _PtxasLogTap()
     try:
         with triton.knobs.cache.scope(), triton.knobs.compilation.scope():
-            triton.knobs.cache.dir = tmp.name
+            triton.knobs.cache.dir = cache_dir
             triton.knobs.compilation.always_compile = True
             yield
     finally:
         nv.subprocess = prev_sub
-        tmp.cleanup()
 
 
 def parse_ptxas_log(log: str) -> dict[str, int]:
@@ -671,22 +677,54 @@ def _summarise_dots(kinds: list[str]) -> str:
     return ", ".join(f"{kinds.count(k)} {k}" for k in order if kinds.count(k))
 
 
-def _config_str(launch: Launch, kernel) -> str:
+def _spec_key(launch: Launch) -> tuple:
+    """What Triton specialises a launch on: constexpr values, pointer dtypes, and for each runtime int whether it
+    is 1, a multiple of 16, or needs 64 bits; plus the launch options. Launches with equal keys compile to the
+    same kernel, so each key compiles once."""
     fn = launch.fn
     names = [p.name for p in fn.params]
     bound = dict(zip(names, launch.args))
     bound.update({k: v for k, v in launch.kwargs.items() if k in names})
-    consts, dtypes = [], []
+    key: list = [id(fn)]
     for p in fn.params:
-        v = bound.get(p.name, p.default if hasattr(p, "default") else None)
+        v = bound.get(p.name, inspect.Parameter.empty)
         if p.is_constexpr:
-            if v is inspect.Parameter.empty:
-                continue
+            key.append((p.name, repr(v)))
+        elif hasattr(v, "data_ptr"):
+            key.append((p.name, str(v.dtype)))
+        elif isinstance(v, bool) or v is None:
+            key.append((p.name, v))
+        elif isinstance(v, int):
+            key.append((p.name, "int", v == 1, v % 16 == 0, -(2**31) <= v < 2**31))
+        else:
+            key.append((p.name, type(v).__name__))
+    key.append(tuple(sorted((k, repr(v)) for k, v in launch.kwargs.items() if k not in names)))
+    return tuple(key)
+
+
+def _config_str(launch: Launch) -> str:
+    """constexprs, then runtime ints Triton specialises as multiples of 16 (":16") or as 1 ("=1"), then the
+    pointer dtypes."""
+    fn = launch.fn
+    names = [p.name for p in fn.params]
+    bound = dict(zip(names, launch.args))
+    bound.update({k: v for k, v in launch.kwargs.items() if k in names})
+    consts, ints, dtypes = [], [], []
+    for p in fn.params:
+        v = bound.get(p.name, inspect.Parameter.empty)
+        if v is inspect.Parameter.empty:
+            continue
+        if p.is_constexpr:
             consts.append(f"{p.name}={int(v) if isinstance(v, bool) else v}")
         elif hasattr(v, "data_ptr"):
-            dtypes.append(str(v.dtype).replace("torch.", "").replace("float", "f").replace("bf16", "bf16"))
-    dts = "/".join(dict.fromkeys(dtypes))
-    return " ".join(consts) + f" [{dts}]"
+            dtypes.append(str(v.dtype).replace("torch.", "").replace("float", "f").replace("bfloat", "bf"))
+        elif isinstance(v, int) and not isinstance(v, bool) and not p.do_not_specialize:
+            if v == 1:
+                ints.append(f"{p.name}=1")
+            elif v % 16 == 0:
+                ints.append(f"{p.name}:16")
+    parts = consts + ([" ".join(ints)] if ints else []) + ["[" + "/".join(dict.fromkeys(dtypes)) + "]"]
+    return " ".join(parts)
 
 
 def _blocks_per_sm(t: dict, regs: int, warps: int, shared: int) -> int:
@@ -699,63 +737,117 @@ def _blocks_per_sm(t: dict, regs: int, warps: int, shared: int) -> int:
     return max(0, min(by_threads, by_regs, by_smem))
 
 
-def compile_and_check(launches: list[Launch], cap: int) -> list[Row]:
-    """Compile every distinct launch for capability `cap` and check the rules; one Row per compiled variant."""
+def _kernel_name(launch: Launch) -> str:
+    return f"{launch.fn.fn.__module__.rsplit('.', 1)[-1]}.{launch.fn.__name__}"
+
+
+def compile_one(launch: Launch, cap: int, cache_dir: str) -> Row:
+    """Compile one launch for capability `cap` through the JIT warmup path and check the rules."""
     t = TARGETS[cap]
-    rows: dict[int, Row] = {}
-    with stand_in_gpu(cap), _fresh_compiles():
-        for launch in launches:
-            name = f"{launch.fn.fn.__module__.rsplit('.', 1)[-1]}.{launch.fn.__name__}"
-            _tls.ptxas_log = None
-            t0 = time.perf_counter()
+    row = Row(_kernel_name(launch), t["name"], _config_str(launch), scenarios=[launch.scenario])
+    t0 = time.perf_counter()
+    with stand_in_gpu(cap), _fresh_compiles(cache_dir):
+        _tls.ptxas_log = None
+        try:
+            kernel = launch.fn.warmup(*launch.args, grid=(1,), **launch.kwargs)
+        except Exception as e:  # noqa: BLE001 - a compile error is a finding, reported per variant
+            msg = " ".join(str(e).strip().split())
+            row.violations.append(f"compile error: {type(e).__name__}: {msg[:400]}")
+            return row
+        log = _tls.ptxas_log or ""
+    row.compile_s = time.perf_counter() - t0
+    for k, v in parse_ptxas_log(log).items():
+        setattr(row, k, v)
+    md = kernel.metadata
+    row.num_warps, row.num_stages, row.shared = md.num_warps, md.num_stages, int(md.shared)
+    kinds = classify_dots(kernel.asm.get("ttgir", ""))
+    row.dots = _summarise_dots(kinds)
+    row.blocks_per_sm = _blocks_per_sm(t, row.registers, row.num_warps, row.shared)
+    ptx = kernel.asm.get("ptx", "")
+    # ---- the rules
+    if row.registers < 0:
+        row.violations.append("no ptxas resource report (ptxas log not captured)")
+    if row.spill_stores or row.spill_loads:
+        msg = f"spills {row.spill_stores}/{row.spill_loads} B (stores/loads) at {row.registers} regs"
+        (row.violations if cap >= 90 else row.notes).append(msg)
+    if row.shared > t["smem_limit"]:
+        row.violations.append(f"shared memory {row.shared} B > {t['smem_limit']} B per block")
+    want = "wgmma" if cap >= 90 else "mma"
+    bad = [k for k in kinds if k.split("/")[0] not in (want, "fma(ieee)")]
+    if bad:
+        row.violations.append(f"dot not on {want}: {_summarise_dots(bad)}")
+    if any(k.startswith("wgmma") for k in kinds) and "wgmma.mma_async" not in ptx:
+        row.violations.append("TTGIR has a wgmma dot but the PTX has no wgmma.mma_async")
+    if any(k.startswith("mma") for k in kinds) and "mma.sync" not in ptx:
+        row.violations.append("TTGIR has an mma dot but the PTX has no mma.sync")
+    if any(k.endswith("/tf32") for k in kinds):
+        row.notes.append("fp32 dot operands rounded to TF32 (DESIGN.md: fp32 means IEEE unless opted in)")
+    if row.registers > 128 and row.num_warps >= 8:
+        row.notes.append(f"{row.registers} regs x {row.num_warps} warps: {row.blocks_per_sm} block/SM")
+    return row
+
+
+_POOL_WORK: list[tuple[int, Launch]] = []  # set before the worker processes fork
+_POOL_CACHE = ""
+
+
+def _pool_compile(i: int) -> Row:
+    cap, launch = _POOL_WORK[i]
+    return compile_one(launch, cap, _POOL_CACHE)
+
+
+def compile_and_check(work: list[tuple[int, Launch]], jobs: int = 1) -> list[Row]:
+    """Compile every distinct (capability, launch) once and check it; one Row per compiled variant, with every
+    scenario that launched it. jobs > 1 compiles in forked worker processes."""
+    global _POOL_WORK, _POOL_CACHE
+    groups: dict[tuple, list[tuple[int, Launch]]] = {}
+    for cap, launch in work:
+        groups.setdefault((cap, _spec_key(launch)), []).append((cap, launch))
+    unique = [g[0] for g in groups.values()]
+    with tempfile.TemporaryDirectory(prefix="aot-triton-cache-") as cache:
+        if jobs > 1 and len(unique) > 1:
+            import multiprocessing as mp
+
+            _POOL_WORK, _POOL_CACHE = unique, cache
             try:
-                kernel = launch.fn.warmup(*launch.args, grid=(1,), **launch.kwargs)
-            except Exception as e:  # noqa: BLE001 - a compile error is a finding, reported per variant
-                msg = str(e).strip().splitlines()
-                key = hash((name, tuple(msg[:3])))
-                row = rows.setdefault(key, Row(name, t["name"], _config_str(launch, None)))
-                if not row.violations:
-                    row.violations.append(f"compile error: {type(e).__name__}: {' '.join(msg[:3])[:300]}")
-                row.scenarios.append(launch.scenario)
-                continue
-            if id(kernel) in rows:
-                rows[id(kernel)].scenarios.append(launch.scenario)
-                continue
-            if _tls.ptxas_log is not None:
-                kernel._aot_ptxas_log = _tls.ptxas_log
-            res = parse_ptxas_log(getattr(kernel, "_aot_ptxas_log", "") or "")
-            md = kernel.metadata
-            row = Row(name, t["name"], _config_str(launch, kernel), num_warps=md.num_warps,
-                      num_stages=md.num_stages, shared=int(md.shared), compile_s=time.perf_counter() - t0,
-                      scenarios=[launch.scenario], **res)  # fmt: skip
-            kinds = classify_dots(kernel.asm.get("ttgir", ""))
-            row.dots = _summarise_dots(kinds)
-            row.blocks_per_sm = _blocks_per_sm(t, row.registers, row.num_warps, row.shared)
-            ptx = kernel.asm.get("ptx", "")
-            # ---- the rules
-            if row.registers < 0:
-                row.violations.append("no ptxas resource report")
-            spilled = row.spill_stores or row.spill_loads
-            if spilled and cap >= 90:
-                row.violations.append(f"spills {row.spill_stores}/{row.spill_loads} B at {row.registers} regs")
-            elif spilled:
-                row.notes.append(f"spills {row.spill_stores}/{row.spill_loads} B at {row.registers} regs")
-            if row.shared > t["smem_limit"]:
-                row.violations.append(f"shared {row.shared} B > {t['smem_limit']} B")
-            want = "wgmma" if cap >= 90 else "mma"
-            bad = [k for k in kinds if k.split("/")[0] not in (want, "fma(ieee)")]
-            if bad:
-                row.violations.append(f"dot not on {want}: {_summarise_dots(bad)}")
-            if any(k.endswith("/tf32") for k in kinds):
-                row.notes.append("fp32 dot operands rounded to TF32 (DESIGN.md: fp32 means IEEE unless opted in)")
-            if any(k.startswith("wgmma") for k in kinds) and "wgmma.mma_async" not in ptx:
-                row.violations.append("TTGIR has a wgmma dot but the PTX has no wgmma.mma_async")
-            if any(k.startswith("mma") for k in kinds) and "mma.sync" not in ptx:
-                row.violations.append("TTGIR has an mma dot but the PTX has no mma.sync")
-            if row.registers > 128 and row.num_warps >= 8:
-                row.notes.append(f"{row.registers} regs at {row.num_warps} warps: {row.blocks_per_sm} block/SM")
-            rows[id(kernel)] = row
-    return list(rows.values())
+                with mp.get_context("fork").Pool(min(jobs, len(unique))) as pool:
+                    rows = pool.map(_pool_compile, range(len(unique)), chunksize=1)
+            finally:
+                _POOL_WORK, _POOL_CACHE = [], ""
+        else:
+            rows = [compile_one(launch, cap, cache) for cap, launch in unique]
+    for row, group in zip(rows, groups.values()):
+        row.scenarios = list(dict.fromkeys(launch.scenario for _, launch in group))
+    return rows
+
+
+def launchable_kernels() -> list[str]:
+    """Names ("module.kernel") of every @triton.jit function in csrc_triton that no other jit function calls,
+    i.e. the kernels a launcher can start (helpers such as _dot are excluded). Autotuned/heuristics wrappers are
+    unwrapped. The sweep must launch each of these at least once."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.jit import JITFunction
+
+    import csrc_triton
+
+    fns: dict[str, Any] = {}
+    for info in pkgutil.iter_modules(csrc_triton.__path__):
+        mod = importlib.import_module(f"csrc_triton.{info.name}")
+        for name, obj in vars(mod).items():
+            while obj is not None and not isinstance(obj, JITFunction) and hasattr(obj, "fn"):
+                obj = obj.fn  # Autotuner / Heuristics
+            if isinstance(obj, JITFunction) and obj.fn.__module__ == mod.__name__:
+                fns[f"{info.name}.{name}"] = obj
+    srcs = {k: inspect.getsource(v.fn) for k, v in fns.items()}
+    called = {
+        k
+        for k in fns
+        for other, src in srcs.items()
+        if other != k and re.search(rf"(?<![\w.]){re.escape(k.split('.', 1)[1])}\s*\(", src.split(":", 1)[-1])
+    }
+    return sorted(set(fns) - called)
 
 
 @dataclasses.dataclass
@@ -765,23 +857,31 @@ class Report:
     skipped: list[str]
     launches: int
     seconds: float
+    kernels: list[str] = dataclasses.field(default_factory=list)  # launchable_kernels()
+
+    def not_launched(self) -> list[str]:
+        """Kernels in csrc_triton that no scenario of the sweep launched (a gap in the scenario grid)."""
+        seen = {r.kernel for r in self.rows}
+        return [k for k in self.kernels if k not in seen]
 
     def violations(self) -> list[str]:
         out = [f"discovery: {e}" for e in self.errors]
+        out += [f"coverage: {k} is never launched by the sweep's scenarios" for k in self.not_launched()]
         out += [f"{r.kernel} {r.target} {r.config}: {v}" for r in self.rows for v in r.violations]
         return out
 
     def to_json(self) -> str:
-        return json.dumps(dict(rows=[dataclasses.asdict(r) for r in self.rows], errors=self.errors,
-                               skipped=self.skipped, launches=self.launches, seconds=self.seconds), indent=1)  # fmt: skip
+        d = dataclasses.asdict(self)
+        return json.dumps(d, indent=1)
 
     @staticmethod
     def from_json(text: str) -> "Report":
         d = json.loads(text)
-        return Report([Row(**r) for r in d["rows"]], d["errors"], d["skipped"], d["launches"], d["seconds"])
+        d["rows"] = [Row(**r) for r in d["rows"]]
+        return Report(**d)
 
 
-def sweep(full: bool = True, caps: tuple[int, ...] = (80, 90)) -> Report:
+def sweep(full: bool = True, caps: tuple[int, ...] = (80, 90), jobs: int | None = None) -> Report:
     """Discover and compile in this process. Needs triton imported with the interpreter off."""
     from triton.runtime.jit import JITFunction
 
@@ -791,23 +891,27 @@ def sweep(full: bool = True, caps: tuple[int, ...] = (80, 90)) -> Report:
         raise RuntimeError("the AOT sweep needs the real Triton JIT: TRITON_INTERPRET was on when triton was "
                            "imported; use run_sweep(), which starts a clean subprocess")  # fmt: skip
     t0 = time.perf_counter()
-    rows, errors, skipped, n = [], [], [], 0
+    work, errors, skipped = [], [], []
     for cap in caps:
         disc = discover(cap, full)
-        n += len(disc.launches)
+        work += [(cap, launch) for launch in disc.launches]
         errors += [e for e in disc.errors if e not in errors]
         skipped += [s for s in disc.skipped if s not in skipped]
-        rows += compile_and_check(disc.launches, cap)
-    return Report(rows, errors, skipped, n, time.perf_counter() - t0)
+    rows = compile_and_check(work, jobs=jobs or os.cpu_count() or 1)
+    return Report(rows, errors, skipped, len(work), time.perf_counter() - t0, launchable_kernels())
 
 
-def run_sweep(full: bool = True, caps: tuple[int, ...] = (80, 90), timeout: float = 1800) -> Report:
+def run_sweep(
+    full: bool = True, caps: tuple[int, ...] = (80, 90), jobs: int | None = None, timeout: float = 1800
+) -> Report:
     """The sweep in a fresh subprocess with TRITON_INTERPRET unset (works from any process, the tests' too)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--json", f.name, "--quiet",
                "--targets", ",".join(map(str, caps))] + ([] if full else ["--quick"])  # fmt: skip
+        if jobs:
+            cmd += ["--jobs", str(jobs)]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         text = Path(f.name).read_text()
         if not text:
@@ -821,6 +925,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated (80, 90)")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this path")
     p.add_argument("--quiet", action="store_true", help="no table on stdout")
+    p.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU count)")
     a = p.parse_args(argv)
     try:
         caps = tuple(int(c) for c in a.targets.split(","))
@@ -829,10 +934,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         p.error(f"--targets={a.targets!r}: expected a comma-separated subset of {sorted(TARGETS)}")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        rep = run_sweep(full=not a.quick, caps=caps)
+        rep = run_sweep(full=not a.quick, caps=caps, jobs=a.jobs)
     else:
         sys.path.insert(0, str(ROOT))
-        rep = sweep(full=not a.quick, caps=caps)
+        rep = sweep(full=not a.quick, caps=caps, jobs=a.jobs)
     if a.json:
         Path(a.json).write_text(rep.to_json())
     if not a.quiet:
