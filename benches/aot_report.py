@@ -174,8 +174,9 @@ def stand_in_gpu(cap: int) -> Iterator[None]:
                             total_memory=t["mem"], L2_cache_size=t["l2"], warp_size=32,
                             shared_memory_per_block_optin=t["smem_limit"], max_threads_per_multi_processor=2048,
                             regs_per_multiprocessor=t["regs_per_sm"])  # fmt: skip
-    saved = {n: getattr(torch.cuda, n) for n in ("get_device_properties", "get_device_capability", "current_device",
-                                                  "get_device_name", "device_count")}  # fmt: skip
+    names = ("get_device_properties", "get_device_capability", "current_device", "get_device_name", "device_count",
+             "current_stream")  # fmt: skip
+    saved = {n: getattr(torch.cuda, n) for n in names}
     prev = driver._active
     driver.set_active(StandInDriver(cap))
     torch.cuda.get_device_properties = lambda device=None: props
@@ -183,6 +184,7 @@ def stand_in_gpu(cap: int) -> Iterator[None]:
     torch.cuda.current_device = lambda: 0
     torch.cuda.get_device_name = lambda device=None: t["gpu"]
     torch.cuda.device_count = lambda: 1
+    torch.cuda.current_stream = lambda device=None: SimpleNamespace(cuda_stream=0, device=torch.device("cuda", 0))
     try:
         yield
     finally:
