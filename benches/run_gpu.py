@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benches" / "results"
 
 # distributions whose versions the report records: ours, then the peers the benches compare with
-VERSIONED = ("torch", "triton", "transformers", "numpy", "liger-kernel", "flash-attn", "flash-attn-4",
-             "cut-cross-entropy", "trl", "pytest")  # fmt: skip
+VERSIONED = ("torch", "triton", "transformers", "tyro", "datasets", "safetensors", "numpy", "liger-kernel",
+             "flash-attn", "flash-attn-4", "cut-cross-entropy", "trl", "pytest")  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -55,7 +55,23 @@ def plan(smoke: bool, python: str = sys.executable) -> list[Step]:
     s = ["--smoke"] if smoke else []
     no_csv = ["--no-csv"] if smoke else []
     return [
-        Step("gpu tests", [python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests"], 240),
+        # a test module that cannot be imported there (a dependency missing on the GPU image) must not stop the rest
+        Step(
+            "gpu tests",
+            [
+                python,
+                "-m",
+                "pytest",
+                "-q",
+                "-m",
+                "gpu",
+                "-p",
+                "no:cacheprovider",
+                "--continue-on-collection-errors",
+                "tests",
+            ],
+            240,
+        ),  # fmt: skip
         Step("bench_loss", [python, "benches/bench_loss.py", *s, *no_csv], 150),
         Step("bench_linear_loss", [python, "benches/bench_linear_loss.py", *s, *no_csv], 240),
         Step("bench_packing", [python, "benches/bench_packing.py", *s], 150),
