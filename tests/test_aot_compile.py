@@ -9,6 +9,8 @@ TRITON_INTERPRET=1). The default run compiles the quick subset (~50 variants); `
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -20,7 +22,17 @@ from benches import aot_report as A  # noqa: E402
 
 # (kernel, target) -> (sweeps in which it shows, why). Rule violations of these pairs are expected until the kernel
 # is fixed; each has a strict xfail test below, which starts failing (XPASS) once the fix lands: then drop the entry.
-EXPECTED_FAILURES: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {}
+EXPECTED_FAILURES: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
+    # Measured 2026-11-30 (triton 3.9, bundled ptxas): the tiled LM-head dW backward with fp32 inputs, bias and an
+    # entropy gradient (HAS_BIAS=1 HAS_GRAD_ENTROPY=1, BLOCK_T=64 BLOCK_V=128 BLOCK_H=64, 8 warps) sits at 255
+    # registers on sm_90 and spills 40/28 B (stores/loads; V not a multiple of 16) or 48/36 B (neither V nor T a
+    # multiple of 16). bf16/fp16 and V % 16 == 0 do not spill on sm_90 (244-255 regs). Being fixed in
+    # csrc_triton/linear_logprob.py by another helper (issue 9 item 6): drop this entry once that lands.
+    ("linear_logprob._bwd_dw_kernel", "sm_90"): (
+        ("quick", "full"),
+        "fp32 tiled dW backward spills on sm_90 at 255 regs (40/28 B, 48/36 B)",
+    ),
+}
 
 
 def _unexpected(report: A.Report, sweep: str) -> list[str]:
@@ -42,8 +54,17 @@ def quick_report() -> A.Report:
     return rep
 
 
+def _slow_selected(config) -> bool:
+    """The project's default run has no `-m` filter, so `slow` alone would not keep the full sweep (~5 min of CPU
+    on 2 cores) out of it: it runs when `-m` selects slow, or with EXGRPO_RUN_SLOW=1."""
+    markexpr = config.getoption("markexpr") or ""
+    return bool(re.search(r"(?<!not )\bslow\b", markexpr)) or os.environ.get("EXGRPO_RUN_SLOW") == "1"
+
+
 @pytest.fixture(scope="module")
-def full_report() -> A.Report:
+def full_report(request) -> A.Report:
+    if not _slow_selected(request.config):
+        pytest.skip("the full AOT sweep runs with -m slow (or EXGRPO_RUN_SLOW=1)")
     rep = A.run_sweep(full=True, timeout=1800)
     print("\n" + A.format_table(rep.rows))
     print(f"{len(rep.rows)} variants, {rep.launches} launches, {rep.seconds:.1f} s")
