@@ -134,7 +134,8 @@ _PYTEST_LINE = re.compile(r"^=*\s*(\d+ (passed|failed|skipped|deselected|error|e
 
 
 def summarize(output: str) -> str:
-    """pytest's final result line when there is one, else the last non-empty line (a bench's last table row)."""
+    """pytest's final result line when there is one, else the last non-empty line that is not a bench's
+    "wrote <csv>" note (for a bench: the last row of its result table)."""
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     for ln in reversed(lines):
         m = _PYTEST_LINE.match(ln)
@@ -142,6 +143,7 @@ def summarize(output: str) -> str:
             return m.group(1).strip()
         if re.match(r"^no tests ran", ln):
             return ln.strip("= ")
+    lines = [ln for ln in lines if not ln.startswith("wrote ")] or lines
     return lines[-1][:200] if lines else ""
 
 
@@ -151,6 +153,7 @@ def run_step(step: Step, timeout: float, env: dict[str, str], tail_chars: int = 
     try:
         proc = subprocess.run(step.argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         out = proc.stdout + (("\n" + proc.stderr) if proc.stderr.strip() else "")
+        summary_src = proc.stdout if proc.stdout.strip() else proc.stderr
         # pytest exit code 5: no tests collected (e.g. -m gpu deselected everything): not a failure of the run
         ok = proc.returncode == 0 or (proc.returncode == 5 and "pytest" in step.argv)
         step.status = "passed" if ok else f"failed (rc {proc.returncode})"
@@ -158,9 +161,10 @@ def run_step(step: Step, timeout: float, env: dict[str, str], tail_chars: int = 
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         out += (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
         step.status = f"timed out after {timeout:.0f} s"
+        summary_src = out
     step.seconds = time.perf_counter() - t0
     step.output = out[-tail_chars:]
-    step.summary = summarize(out)
+    step.summary = summarize(summary_src)
 
 
 def render(facts: dict[str, str], steps: list[Step], title: str = "GPU run") -> str:

@@ -53,9 +53,7 @@ def test_render_and_write_report(tmp_path):
 def test_summarize():
     assert G.summarize("..s.\n===== 3 passed, 1 skipped in 2.50s =====\n") == "3 passed, 1 skipped in 2.50s"
     assert G.summarize("x\n12 deselected in 0.3s\n") == "12 deselected in 0.3s"
-    assert G.summarize("provider  ms\nours  1.23\nwrote benches/results/loss.csv\n\n") == (
-        "wrote benches/results/loss.csv"
-    )
+    assert G.summarize("provider  ms\nours  1.23\nwrote benches/results/loss.csv\n\n") == "ours  1.23"
     assert G.summarize("") == ""
 
 
@@ -66,7 +64,10 @@ def test_run_step_records_failure_and_timeout():
     assert ok.status == "passed" and ok.summary == "hello" and ok.seconds > 0
     bad = G.Step("bad", [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], 30)
     G.run_step(bad, 30, env)
-    assert bad.status == "failed (rc 3)" and "boom" in bad.output
+    assert bad.status == "failed (rc 3)" and "boom" in bad.output and bad.summary == "boom"
+    warn = G.Step("warn", [sys.executable, "-c", "import sys; print('row 1'); print('a warning', file=sys.stderr)"], 30)
+    G.run_step(warn, 30, env)
+    assert warn.summary == "row 1" and "a warning" in warn.output  # the summary comes from stdout
     slow = G.Step("slow", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"], 30)
     G.run_step(slow, 1.5, env)
     assert slow.status == "timed out after 2 s" and slow.seconds < 20
