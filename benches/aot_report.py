@@ -571,15 +571,13 @@ class Discovery:
 
 def discover(cap: int, full: bool) -> Discovery:
     """Drive every scenario on fake CUDA tensors with a stand-in GPU of capability `cap`; record the launches."""
-    import torch
-
     from exgrpo_fast import ops
 
     launches: list[Launch] = []
     errors: list[str] = []
     skipped: list[str] = []
     current = ["?"]
-    prev_checks, prev_backend = ops._value_checks, ops._backend
+    prev_checks, prev_backend = getattr(ops, "_value_checks", True), getattr(ops, "_backend", "auto")
     ops.set_value_checks(False)  # value checks read tensor values: fake tensors have none
     ops.set_backend("triton")
     try:
@@ -597,8 +595,8 @@ def discover(cap: int, full: bool) -> Discovery:
                 except Exception as e:  # noqa: BLE001 - reported: a scenario that cannot be driven is a finding
                     errors.append(f"{name}: {type(e).__name__}: {e}")
     finally:
-        ops._value_checks, ops._backend = prev_checks, prev_backend
-    torch.set_grad_enabled(True)
+        ops.set_value_checks(prev_checks)
+        ops.set_backend(prev_backend)
     return Discovery(launches, errors, skipped)
 
 
