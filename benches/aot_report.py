@@ -177,7 +177,7 @@ def stand_in_gpu(cap: int) -> Iterator[None]:
                             shared_memory_per_block_optin=t["smem_limit"], max_threads_per_multi_processor=2048,
                             regs_per_multiprocessor=t["regs_per_sm"])  # fmt: skip
     names = ("get_device_properties", "get_device_capability", "current_device", "get_device_name", "device_count",
-             "current_stream")  # fmt: skip
+             "current_stream", "mem_get_info")  # fmt: skip
     saved = {n: getattr(torch.cuda, n) for n in names}
     prev = driver._active
     driver.set_active(StandInDriver(cap))
@@ -187,6 +187,7 @@ def stand_in_gpu(cap: int) -> Iterator[None]:
     torch.cuda.get_device_name = lambda device=None: t["gpu"]
     torch.cuda.device_count = lambda: 1
     torch.cuda.current_stream = lambda device=None: SimpleNamespace(cuda_stream=0, device=torch.device("cuda", 0))
+    torch.cuda.mem_get_info = lambda device=None: (int(0.9 * t["mem"]), t["mem"])  # launchers that size by free memory
     try:
         yield
     finally:
