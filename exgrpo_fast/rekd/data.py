@@ -1,13 +1,15 @@
 """Data of REKD: the built-in seeded tasks with gold rationales, user files (validated up front), tokenisation.
 
-Built-in text task (binary sentiment). A review is 8-30 neutral filler words into which we insert, at random
+Built-in text task (binary sentiment). A review is 6-20 neutral filler words into which we insert, at random
 positions, k in {1, 2} *cues* (a sentiment word of the label's polarity, not negated: "great" for positive,
-"awful" for negative) and m in {0, 1, 2} (independent of k) *look-alike distractors* (a negator followed by a
+"awful" for negative) and m in {0, 1} (independent of k) *look-alike distractors* (a negator followed by a
 word of the opposite polarity: "not awful" in a positive review, "never great" in a negative one), plus 0-1
-neutral negations ("not the"). Counting positive vs negative words (the best bag-of-words rule) is right on
-only 2/3 of the reviews (k < m flips it, k = m is a coin toss): the label is fixed by which sentiment words are
-*not* negated, i.e. by context. Gold rationale = the k cue words (the smallest subset that fixes the label to a
-reader who knows the selection convention; "not awful" would need two words).
+neutral negations ("not the"). Counting positive vs negative words (the best bag-of-words rule) is a coin toss
+on the reviews with k = m = 1 (1/4 of them): the label is fixed by which sentiment words are *not* negated, i.e.
+by context, and a selector that keeps every sentiment word has rationale precision 1/2 to 2/3 on the reviews
+with a distractor. (With m up to 2, which makes counting right on only 2/3 of the reviews, our tiny from-scratch
+encoders did not learn the negation context within a CPU budget.) Gold rationale = the k cue words (the
+smallest subset that fixes the label to a reader who knows the selection convention; "not awful" needs two).
 
 Built-in image task: a grayscale image is a grid of patch_size x patch_size patches, every patch a random binary
 pattern (density 1/2) plus Gaussian noise; one or two patches (at random places) carry the class's hidden
@@ -78,9 +80,9 @@ def make_text_task(n: int, seed: int) -> TextData:
         y = int(rng.integers(2))
         k = int(rng.integers(1, 3))
         same, other = (POSITIVE, NEGATIVE) if y == 1 else (NEGATIVE, POSITIVE)
-        units: list[tuple[list[str], bool]] = [([str(w)], False) for w in rng.choice(FILLER, rng.integers(8, 31))]
+        units: list[tuple[list[str], bool]] = [([str(w)], False) for w in rng.choice(FILLER, rng.integers(6, 21))]
         inserts = [([str(rng.choice(same))], True) for _ in range(k)]
-        m = int(rng.integers(0, 3))
+        m = int(rng.integers(0, 2))
         inserts += [([str(rng.choice(NEGATORS)), str(rng.choice(other))], False) for _ in range(m)]
         inserts += [([str(rng.choice(NEGATORS)), str(rng.choice(FILLER))], False) for _ in range(rng.integers(0, 2))]
         for ins in inserts:
