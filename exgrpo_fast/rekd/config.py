@@ -68,19 +68,20 @@ class SelectConfig:
     estimator: Literal["gumbel_st", "hard_concrete"] = "gumbel_st"
     """Differentiable selection: straight-through Gumbel-sigmoid (hard 0/1 forward, relaxed backward) or
     hard-concrete (Louizos et al. 2018; stretched, clamped binary concrete with exact zeros)."""
-    tau: float = 0.5
+    tau: float = 1.0
     """Temperature of the binary concrete relaxation."""
-    target_sparsity: float = 0.07
+    target_sparsity: float = 0.1
     """Target selected fraction of the selectable units (words / patches) per batch."""
-    anneal_from: float = 0.5
+    anneal_from: float = 0.3
     """Start value of the target sparsity; it moves linearly to select.target_sparsity over the first
     select.anneal_frac of each stage's steps (the predictor first learns from larger subsets)."""
     anneal_frac: float = 0.5
     """Fraction of a stage's steps over which the target sparsity is annealed (0 = fixed target from step 0)."""
-    sparsity_weight: float = 2.0
+    sparsity_weight: float = 0.5
     """Weight of |selected fraction - target| (expected fraction under the selector)."""
-    continuity_weight: float = 0.1
-    """Text only: weight of the mean |p_t - p_{t-1}| between neighbouring tokens (contiguous rationales)."""
+    continuity_weight: float = 0.0
+    """Text only: weight of the mean |p_t - p_{t-1}| between neighbouring tokens (contiguous rationales). 0 by
+    default: the built-in gold rationales are isolated words, which the term penalises."""
 
 
 @dataclass
@@ -89,7 +90,7 @@ class StageConfig:
     """Optimizer steps of the stage."""
     batch_size: int = 32
     """Examples per step."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """AdamW learning rate (constant after a linear warm-up of 5% of the steps)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
@@ -155,7 +156,7 @@ class REKDConfig:
     student: EncoderConfig = field(default_factory=EncoderConfig)
     """The student's encoders (smaller than the teacher's)."""
     select: SelectConfig = field(default_factory=SelectConfig)
-    teacher_train: StageConfig = field(default_factory=lambda: StageConfig(steps=600))
+    teacher_train: StageConfig = field(default_factory=lambda: StageConfig(steps=800))
     """Teacher RE stage."""
     student_train: StageConfig = field(default_factory=lambda: StageConfig(steps=300))
     """Both student stages (RE alone and REKD get the same budget and the same initialisation)."""
@@ -173,8 +174,9 @@ def preset(task: str) -> REKDConfig:
         raise ConfigError(f"task={task!r}: expected 'text' or 'image'")
     cfg = REKDConfig(task=task)  # type: ignore[arg-type]
     if task == "image":
-        cfg.select.target_sparsity = 0.1
-        cfg.select.continuity_weight = 0.0
+        cfg.select.estimator = "hard_concrete"
+        cfg.select.tau = 0.5
+        cfg.teacher_train.steps = 600
         cfg.log.out_dir = "runs/rekd-image"
     return cfg
 
