@@ -308,7 +308,7 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("task", ["text", "image"])
+@pytest.mark.parametrize("task", ["text", pytest.param("image", marks=pytest.mark.slow)])
 def test_pipeline_writes_results_pictures_and_resumes_invisibly(tmp_path: Path, task: str, monkeypatch):
     full = T.run(_tiny_run_cfg(tmp_path / "full", task))
     assert [r["model"] for r in full["rows"]] == ["teacher", "student_re", "student_rekd"]
@@ -337,3 +337,19 @@ def test_pipeline_writes_results_pictures_and_resumes_invisibly(tmp_path: Path, 
     resumed = T.run(cfg)
     assert resumed["rows"] == full["rows"]
     assert _rows(tmp_path / "crash" / "metrics.jsonl") == _rows(run_dir / "metrics.jsonl")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="measured: RE teachers from scratch reach rationale F1 ~0.6 on CPU budgets")
+def test_teacher_rationale_f1_on_builtin_text(tmp_path: Path):
+    cfg = preset("text")
+    cfg.data.n_train, cfg.data.n_test = 1000, 200
+    cfg.teacher = EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    cfg.teacher_train.steps = 300
+    cfg.log.progress, cfg.log.eval_every = False, 0
+    prep = T.prepare_data(validate(cfg))
+    torch.manual_seed(0)
+    teacher = T.build_re_model(cfg, "teacher", prep)
+    teacher = T.train_stage("teacher", teacher, prep, cfg, cfg.teacher_train, tmp_path, T.Metrics(tmp_path / "m.jsonl"))
+    ev = T.evaluate(teacher, prep.test, cfg)
+    assert ev["rationale_f1"] > 0.8, ev

@@ -39,6 +39,9 @@ class DataConfig:
     """Built-in task: number of training examples."""
     n_test: int = 500
     """Built-in task: number of test examples."""
+    max_distractors: int = 1
+    """Built-in text task: at most this many look-alike distractors ("not awful" in a positive review) per
+    review (0 = none: then counting sentiment words solves the task)."""
     max_tokens: int = 64
     """Text: truncate inputs to this many tokens (specials included)."""
     image_size: int = 32
@@ -239,6 +242,7 @@ def validate(cfg: REKDConfig) -> REKDConfig:
     d = cfg.data
     for name in ("n_train", "n_test"):
         _check(getattr(d, name) > 0, f"data.{name}", getattr(d, name), "must be > 0")
+    _check(d.max_distractors >= 0, "data.max_distractors", d.max_distractors, "must be >= 0")
     _check(d.max_tokens >= 4, "data.max_tokens", d.max_tokens, "must be >= 4")
     _check(d.patch_size > 0, "data.patch_size", d.patch_size, "must be > 0")
     _check(

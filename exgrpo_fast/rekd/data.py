@@ -72,7 +72,7 @@ class ImageData:
 # built-in tasks
 
 
-def make_text_task(n: int, seed: int) -> TextData:
+def make_text_task(n: int, seed: int, max_distractors: int = 1) -> TextData:
     """n seeded reviews (labels balanced at random) with their gold cue positions."""
     rng = np.random.default_rng(seed)
     words_all, labels, gold = [], [], []
@@ -82,7 +82,7 @@ def make_text_task(n: int, seed: int) -> TextData:
         same, other = (POSITIVE, NEGATIVE) if y == 1 else (NEGATIVE, POSITIVE)
         units: list[tuple[list[str], bool]] = [([str(w)], False) for w in rng.choice(FILLER, rng.integers(6, 21))]
         inserts = [([str(rng.choice(same))], True) for _ in range(k)]
-        m = int(rng.integers(0, 2))
+        m = int(rng.integers(0, max_distractors + 1))
         inserts += [([str(rng.choice(NEGATORS)), str(rng.choice(other))], False) for _ in range(m)]
         inserts += [([str(rng.choice(NEGATORS)), str(rng.choice(FILLER))], False) for _ in range(rng.integers(0, 2))]
         for ins in inserts:

@@ -65,8 +65,8 @@ def prepare_data(cfg: REKDConfig) -> Prepared:
                 tr, te = _split(len(train.labels), cfg.seed)
                 train, test = _subset_text(train, tr), _subset_text(train, te)
         else:
-            train = D.make_text_task(dc.n_train, cfg.seed)
-            test = D.make_text_task(dc.n_test, cfg.seed + 10_000)
+            train = D.make_text_task(dc.n_train, cfg.seed, dc.max_distractors)
+            test = D.make_text_task(dc.n_test, cfg.seed + 10_000, dc.max_distractors)
         tok_path = cfg.student.path or cfg.teacher.path
         if tok_path:
             from transformers import AutoTokenizer
