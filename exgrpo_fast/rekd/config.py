@@ -179,6 +179,9 @@ def preset(task: str) -> REKDConfig:
     if task == "image":
         cfg.select.estimator = "hard_concrete"
         cfg.select.tau = 0.5
+        cfg.select.sparsity_weight = 2.0
+        cfg.select.anneal_from = 0.5
+        cfg.teacher_train.lr = cfg.student_train.lr = 1e-3
         cfg.teacher_train.steps = 600
         cfg.log.out_dir = "runs/rekd-image"
     return cfg
