@@ -145,6 +145,8 @@ def test_kd_loss_hand_computed():
     # mean over the batch; zero when equal
     two = M.kd_loss(torch.cat([s, t]), torch.cat([t, t]), temp)
     assert abs(float(two) - want / 2) < 1e-6
+    # kd.only_correct: rows with weight 0 do not count
+    assert abs(float(M.kd_loss(torch.cat([s, t]), torch.cat([t, t]), temp, torch.tensor([True, False]))) - want) < 1e-6
 
 
 def test_rationale_and_sparsity_losses_hand_computed():

@@ -109,6 +109,9 @@ class KDConfig:
     """Softmax temperature T of the prediction KD term."""
     rationale_weight: float = 1.0
     """Weight of the BCE of the student's selector logits on the teacher's mask."""
+    only_correct: bool = False
+    """Apply the KD and rationale terms only on training examples the teacher classifies correctly (its
+    rationale is then at least sufficient for it); the student's RE objective still covers every example."""
     rationale_target: Literal["hard", "soft"] = "hard"
     """Teacher mask the student's selector learns: its hard eval mask (logit > 0) or its probabilities."""
 

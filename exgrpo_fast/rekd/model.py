@@ -222,11 +222,13 @@ def continuity_loss(p: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
     return _masked_mean((p[:, 1:] - p[:, :-1]).abs(), pair)
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 KL(softmax(t/T) || softmax(s/T)), mean over the batch (Hinton et al. 2015)."""
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """T^2 KL(softmax(t/T) || softmax(s/T)), mean over the batch (Hinton et al. 2015), or over weight=1 rows."""
     t = F.log_softmax(teacher_logits.float() / temperature, -1)
     s = F.log_softmax(student_logits.float() / temperature, -1)
-    return temperature**2 * (t.exp() * (t - s)).sum(-1).mean()
+    return temperature**2 * _masked_mean((t.exp() * (t - s)).sum(-1), weight)
 
 
 def rationale_loss(sel_logits: torch.Tensor, teacher_mask: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:

@@ -340,8 +340,13 @@ def train_stage(
         if kd:
             t_logits = targets["t_logits"][idx].to(cfg.device)
             t_mask = targets["t_mask" if cfg.kd.rationale_target == "hard" else "t_prob"][idx].to(cfg.device)
-            terms["kd"] = M.kd_loss(out.logits, t_logits, cfg.kd.temperature)
-            terms["rationale"] = M.rationale_loss(out.sel_logits, t_mask, M.selectable(b))
+            keep, unit_keep = None, M.selectable(b)
+            if cfg.kd.only_correct:  # the teacher's signal only where the teacher is right
+                keep = t_logits.argmax(-1) == b["labels"]
+                ones = torch.ones_like(out.sel_logits, dtype=torch.bool)
+                unit_keep = keep[:, None] & (ones if unit_keep is None else unit_keep)
+            terms["kd"] = M.kd_loss(out.logits, t_logits, cfg.kd.temperature, keep)
+            terms["rationale"] = M.rationale_loss(out.sel_logits, t_mask, unit_keep)
             loss = loss + cfg.kd.kd_weight * terms["kd"] + cfg.kd.rationale_weight * terms["rationale"]
             terms["loss"] = loss
         opt.zero_grad(set_to_none=True)
