@@ -355,3 +355,11 @@ def test_teacher_rationale_f1_on_builtin_text(tmp_path: Path):
     teacher = T.train_stage("teacher", teacher, prep, cfg, cfg.teacher_train, tmp_path, T.Metrics(tmp_path / "m.jsonl"))
     ev = T.evaluate(teacher, prep.test, cfg)
     assert ev["rationale_f1"] > 0.8, ev
+
+
+def test_evaluate_batches_of_different_text_widths():
+    prep = _tiny_prep("text")
+    model = _tiny_model("text", prep)
+    assert len(set(prep.test["n_words"][i : i + 4].max().item() for i in range(0, 16, 4))) > 1
+    ev = T.evaluate(model, prep.test, preset("text"), bs=4)
+    assert torch.cat(ev["masks"]).shape == (16, int(prep.test["n_words"].max()))

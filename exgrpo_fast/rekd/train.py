@@ -132,12 +132,14 @@ def _batch(t: dict, idx: torch.Tensor, device) -> dict:
 # evaluation
 
 
-def unit_masks(task: str, batch_cpu: dict, z: torch.Tensor) -> torch.Tensor:
-    """Selected units [B, W] bool: words (a word counts as selected if any of its tokens is) or patches."""
+def unit_masks(task: str, batch_cpu: dict, z: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Selected units [B, W] bool: words (a word counts as selected if any of its tokens is) or patches.
+
+    width: W for text (default: the batch's longest text); pass the data set's so batches concatenate."""
     if task == "image":
         return z > 0.5
     wi = batch_cpu["word_index"]
-    w = int(batch_cpu["n_words"].max())
+    w = int(batch_cpu["n_words"].max()) if width is None else width
     out = torch.zeros(z.shape[0], w + 1)
     out.scatter_reduce_(1, torch.where(wi >= 0, wi, w), z.float().cpu(), "amax", include_self=True)
     return out[:, :w] > 0.5
@@ -157,13 +159,14 @@ def evaluate(model: M.REModel, t: dict, cfg: REKDConfig, bs: int = 256) -> dict:
     model.eval()
     n = len(t["labels"])
     correct, f1s, fracs, masks = 0, [], [], []
+    width = int(t["n_words"].max()) if model.task == "text" else None
     for s in range(0, n, bs):
         idx = torch.arange(s, min(n, s + bs))
         b = _batch(t, idx, cfg.device)
         out = model(b, sample=False)
         correct += int((out.logits.argmax(-1).cpu() == t["labels"][idx]).sum())  # sync: eval only
         cpu = {k: v[idx] for k, v in t.items()}
-        units = unit_masks(model.task, cpu, out.z.cpu())
+        units = unit_masks(model.task, cpu, out.z.cpu(), width)
         w = units.shape[1]
         valid = torch.arange(w)[None] < cpu["n_words"][:, None] if model.task == "text" else torch.ones_like(units)
         fracs.append((units & valid).sum(1).float() / valid.sum(1).clamp_min(1))
