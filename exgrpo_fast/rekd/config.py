@@ -34,7 +34,8 @@ class DataConfig:
     """User training data: JSONL/CSV (text: `text`, `label`, optional `rationale` word indices) or .npz / image
     folder (image task); "" = the built-in seeded task."""
     test_path: str = ""
-    """User test data, same format as data.train_path; "" = built-in test split (or none with user train data)."""
+    """User test data, same format as data.train_path; "" = the built-in test split, or with user train data a
+    seeded 10% held out from it."""
     n_train: int = 3000
     """Built-in task: number of training examples."""
     n_test: int = 500

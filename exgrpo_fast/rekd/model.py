@@ -26,9 +26,12 @@ The sparsity term uses P(z > 0) (the expected selected fraction), which has a gr
 
 RE objective (per batch; U_b the selectable units of example b):
   L_RE = CE(f(x, z), y) + w_s |sum_b,i p_bi / sum_b |U_b| - s*| + w_c mean_{i,i+1 in U_b} |p_bi - p_b,i+1| (text)
+  (s* is annealed linearly from select.anneal_from to select.target_sparsity over the first select.anneal_frac
+  of a stage; w_c defaults to 0 because the built-in gold cues are isolated words.)
 REKD objective of the student (teacher frozen; its hard eval mask m^T and class logits t on the same input):
   L = L_RE + w_kd T^2 KL(softmax(t / T) || softmax(f_S(x, z_S) / T))
            + w_r mean_{i in U} BCE(sigmoid(a^S_i), m^T_i)   (m^T hard 0/1 or the teacher's probabilities p^T)
+  (kd.only_correct: both teacher terms only on the examples the teacher classifies correctly.)
 """
 
 from __future__ import annotations
