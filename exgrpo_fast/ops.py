@@ -719,17 +719,6 @@ class _ChunkedPolicyLoss(torch.autograd.Function):
         return grads[0], grads[1], grads[2] if need_bias else None, *([None] * 11)
 
 
-def _check_labels_linear(labels: torch.Tensor, vocab: int) -> None:
-    """Labels in [0, V) or -100 (ignored). Reads values: a host sync, skipped when value checks are off (then
-    out-of-range labels are treated as masked rows; nothing is read out of bounds either way)."""
-    if not _value_checks or labels.numel() == 0:
-        return
-    bad = ((labels < 0) | (labels >= vocab)) & (labels != loss_spec.IGNORE_INDEX)
-    if bool(bad.any()):  # sync: input validation
-        lo, hi = int(labels[bad].min()), int(labels[bad].max())
-        raise ValueError(f"labels must lie in [0, V={vocab}) or be -100 (ignored), found values in [{lo}, {hi}]")
-
-
 def _check_linear_inputs(hidden, weight, labels, bias) -> None:
     _check_tensor("hidden", hidden, ndim=2)
     _check_float("hidden", hidden)
@@ -749,7 +738,7 @@ def _check_linear_inputs(hidden, weight, labels, bias) -> None:
     _check_len("labels", labels, hidden.shape[0], "T (hidden.shape[0])")
     if hidden.shape[0] == 0:
         raise ValueError("hidden is empty: the batch has no tokens")
-    _check_labels_linear(labels, weight.shape[0])
+    _check_labels("labels", labels, weight.shape[0])
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:

@@ -29,7 +29,6 @@ checkpoints and the stop; `sft_step` and `grpo_step` only compute gradients and 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -450,48 +449,39 @@ class Frozen:
     teacher: torch.nn.Module | None = None
 
 
-def step_loss_norm(batches: list[PackedBatch], loss_cfg: LossConfig) -> tuple[LossConfig, list[float]]:
+def step_loss_norm(batches: list[PackedBatch]) -> ops.LossNorm:
     """The step's loss normaliser, computed ONCE per optimizer step from all its micro-batches on the host (lengths
-    are host ints from packing: no sync), so the loss of a step does not depend on how its sequences were packed.
-
-    The kernel normalises each micro-batch by its own counts; the weights rescale that to the step's: n_b / N for
-    token-mean (masked tokens), S_b / S for the seq-mean modes (sequences with >= 1 masked token), and
-    seq-mean-token-sum-norm divides by the step's longest masked length, not the micro-batch's.
-    After the ops' LossNorm lands this becomes `norm=LossNorm(num_tokens, num_seqs, max_len)` passed to every
-    micro-batch's fused_linear_policy_loss, with weight 1."""
-    num_tokens = max(1, sum(sum(b.loss_lens) for b in batches))
-    num_seqs = max(1, sum(n > 0 for b in batches for n in b.loss_lens))
-    if loss_cfg.loss_agg == "token-mean":
-        weights = [sum(b.loss_lens) / num_tokens for b in batches]
-    else:
-        weights = [sum(n > 0 for n in b.loss_lens) / num_seqs for b in batches]
-    if loss_cfg.loss_agg == "seq-mean-token-sum-norm" and loss_cfg.max_len is None:
-        loss_cfg = dataclasses.replace(loss_cfg, max_len=max(1, max(n for b in batches for n in b.loss_lens)))
-    return loss_cfg, weights
+    are host ints from packing: no sync) and passed to every micro-batch's loss: each micro-batch's loss is then its
+    share of the step's loss, whatever the packing (masked tokens, sequences with >= 1 masked token, and the longest
+    masked length of the whole step: the denominators of every loss_agg)."""
+    lens = [n for b in batches for n in b.loss_lens]
+    return ops.LossNorm(float(sum(lens)), float(sum(n > 0 for n in lens)), float(max(lens, default=0)))
 
 
 def policy_loss_backward(
     policy: PackedPolicy, batches: list[PackedBatch], advantages: torch.Tensor, old: list, ref: list, teacher: list,
-    weights: list[float], loss_cfg: LossConfig, temperature: float,
+    live: list[bool], norm: ops.LossNorm | None, loss_cfg: LossConfig, temperature: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """One pass of the policy loss over the step's micro-batches, backward included: (loss, stats) of the step.
-    old[i] None = on-policy: the detached current log-probs (ratio 1)."""
+    old[i] None = on-policy (ratio 1: the fused op takes the detached current log-probs itself, no extra LM-head
+    pass); live[i] False = a padding micro-batch that only keeps the ranks' collectives in step (weight 0).
+    norm = the step's normaliser (None: each micro-batch normalised by its own counts, packing-dependent)."""
+    total = max(1, sum(b.num_loss_tokens for b, is_live in zip(batches, live) if is_live))
     loss_sum = torch.zeros((), device=advantages.device)
     stats_sum: dict[str, torch.Tensor] = {}
-    for b, old_b, ref_b, tch_b, w in zip(batches, old, ref, teacher, weights):
+    for b, old_b, ref_b, tch_b, is_live in zip(batches, old, ref, teacher, live):
         hidden, weight, bias = policy(b)  # (N, H), (V, H)
-        if old_b is None:
-            with torch.no_grad():
-                old_b = ops.token_logprobs_linear(hidden, weight, b.loss_labels, bias=bias, temperature=temperature)
         mask = torch.ones_like(b.loss_labels, dtype=torch.bool)
         loss, stats = ops.fused_linear_policy_loss(
             hidden, weight, b.loss_labels, old_b, advantages[b.sample_index], b.loss_seq_ids, mask,
-            bias=bias, ref_logp=ref_b, teacher_logp=tch_b, temperature=temperature, cfg=loss_cfg,
+            bias=bias, ref_logp=ref_b, teacher_logp=tch_b, temperature=temperature, cfg=loss_cfg, norm=norm,
         )  # fmt: skip
+        w = 1.0 if is_live else 0.0
         (loss * w).backward()
         loss_sum = loss_sum + loss.detach() * w
+        share = w * b.num_loss_tokens / total  # stats are per micro-batch: their token-weighted mean
         for k, v in stats.items():
-            stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().float() * w
+            stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().float() * share
     return loss_sum, stats_sum
 
 
@@ -517,10 +507,10 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
         rewards, group_ids, scale=cfg.grpo.adv_scale, eps=cfg.grpo.adv_eps, nan_to_zero=True
     ).to(device)  # (S,)
     packed = pack_sequences([(r.ids, r.loss_mask) for r in rollouts], cfg.data.token_budget)
-    loss_cfg, weights = step_loss_norm(packed, cfg.loss)
+    norm = step_loss_norm(packed)
     n_pad = agreed_micro_batches(len(packed), run.world, device) - len(packed)  # padding: weight 0
     batches = [b.to(device) for b in packed + packed[-1:] * n_pad]
-    weights = weights + [0.0] * n_pad
+    live = [True] * len(packed) + [False] * n_pad
     t_rollout = _timer(device) - t0
     # ---- old / reference / teacher log-probs (no grad); old comes from the policy forward itself when on-policy
     t1 = time.perf_counter()
@@ -534,7 +524,7 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     stats: dict[str, torch.Tensor] = {}
     for _ in range(U):
         loss, update_stats = policy_loss_backward(
-            run.policy, batches, advantages, old, ref, tch, weights, loss_cfg, temperature
+            run.policy, batches, advantages, old, ref, tch, live, norm, cfg.loss, temperature
         )
         update(loss)
         for k, v in update_stats.items():

@@ -23,15 +23,8 @@ from benches import aot_report as A  # noqa: E402
 # (kernel, target) -> (sweeps in which it shows, why). Rule violations of these pairs are expected until the kernel
 # is fixed; each has a strict xfail test below, which starts failing (XPASS) once the fix lands: then drop the entry.
 EXPECTED_FAILURES: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
-    # Measured 2026-11-30 (triton 3.9, bundled ptxas): the tiled LM-head dW backward with fp32 inputs, bias and an
-    # entropy gradient (HAS_BIAS=1 HAS_GRAD_ENTROPY=1, BLOCK_T=64 BLOCK_V=128 BLOCK_H=64, 8 warps) sits at 255
-    # registers on sm_90 and spills 40/28 B (stores/loads; V not a multiple of 16) or 48/36 B (neither V nor T a
-    # multiple of 16). bf16/fp16 and V % 16 == 0 do not spill on sm_90 (244-255 regs). Being fixed in
-    # csrc_triton/linear_logprob.py by another helper (issue 9 item 6): drop this entry once that lands.
-    ("linear_logprob._bwd_dw_kernel", "sm_90"): (
-        ("quick", "full"),
-        "fp32 tiled dW backward spills on sm_90 at 255 regs (40/28 B, 48/36 B)",
-    ),
+    # (kernel, target) -> (sweeps, why). Empty: the tiled LM-head dW backward that spilled on sm_90 (255 regs,
+    # 40/28 B with fp32 inputs, bias and an entropy gradient) was retiled (csrc_triton/linear_logprob.py).
 }
 
 
