@@ -25,10 +25,19 @@ def device_name(device: torch.device) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except Exception:
         return "unknown"
@@ -57,13 +66,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, rep: int = 10) -> float:
-    """Median wall time of fn() in ms, with device sync around each call (CUDA events on GPU)."""
+def time_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 3,
+    rep: int = 10,
+    setup: Callable[[], object] | None = None,
+) -> float:
+    """Median wall time of fn() in ms, with device sync around each call (CUDA events on GPU). setup(), if given,
+    runs before every call outside the timed region (e.g. refilling a buffer an in-place op overwrote)."""
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     sync(device)
     times = []
     for _ in range(rep):
+        if setup is not None:
+            setup()
+            sync(device)
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

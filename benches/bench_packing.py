@@ -86,7 +86,7 @@ def main() -> None:
           f"{(mem_pad or 0) / 2**20:>10.0f}{'-':>12}")
     rows.append({"provider": "padded-sdpa", "ms": t_pad, "tokens_per_s": real_tokens / t_pad * 1e3, "speedup": 1.0})
     for backend in attention.available_backends(device):
-        attention.select_backend(device, backend)
+        attention.bind_backend(model, attention.select_backend(device, backend))
         with torch.no_grad():
             diff = (packed_hidden_states(model, batch).float() - want).abs().max().item()
         t = time_ms(packed_step, device, warmup=1 if args.smoke else 3, rep=3 if args.smoke else 10)

@@ -1,10 +1,26 @@
-"""Checkpoints: an HF model dir (save_pretrained, safetensors) plus trainer state, written atomically.
+"""Checkpoints: an HF model dir (save_pretrained, safetensors) plus trainer state, crash-safe at every instant.
 
 Layout of one checkpoint `RUN_DIR/checkpoints/<stage>-<step:06d>/`:
   config.json, model.safetensors, tokenizer files   loadable by AutoModelForCausalLM.from_pretrained
   trainer_state.pt   optimizer, scheduler, RNG states (torch, cuda, python, numpy), stage, step, data position, extra
-and `RUN_DIR/checkpoints/latest` naming the newest one. Everything is written into a temporary sibling dir first
-and renamed into place, so a crash never leaves a half-written checkpoint under the final name.
+  checkpoint.json    {"stage", "step", "seq"}: written last, so its presence marks a complete checkpoint; seq orders
+                     the checkpoints of a run (1 + the largest seq present when it was saved)
+and `RUN_DIR/checkpoints/latest`, a pointer file naming the newest one.
+
+The save sequence (rank 0; each named step is a fault-injection point, see CRASH_ENV):
+  1. "begin"            leftovers of a crashed save are tidied (see repair_checkpoints)
+  2. "writing"          weights written into the hidden sibling `.NAME.tmp-PID` (trainer state not yet)
+  3. "tmp_complete"     every file and the dir fsynced, checkpoint.json written last
+  4. "old_aside"        only when NAME already exists: the old NAME renamed to `.NAME.old-PID` (still complete)
+  5. "committed"        `.NAME.tmp-PID` renamed to NAME, parent dir fsynced
+  6. "pointer_written"  `.latest.tmp-PID` written and fsynced
+  7. "pointer_swapped"  os.replace onto `latest`, parent dir fsynced
+  8. "old_deleted"      the displaced old NAME removed
+  9. "pruned"           retention: checkpoints of this stage beyond `keep_last` removed
+Removals first rename a dir to `.NAME.del-PID` (never read), so a half-deleted dir is never taken for a checkpoint.
+resolve_checkpoint does not trust the pointer: it takes the complete checkpoint with the largest seq among NAME dirs
+and `.NAME.old-PID` dirs, so at every instant of the sequence the newest complete checkpoint is found, and a stale
+or missing pointer costs nothing.
 
 Under FSDP2 the full (unsharded) model and optimizer state are gathered to rank 0, which writes; on load every rank
 reads the full state and re-shards it.
@@ -12,16 +28,31 @@ reads the full state and re-shards it.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from exgrpo_fast.errors import CheckpointError, MissingPathError
+
 STATE_FILE = "trainer_state.pt"
+META_FILE = "checkpoint.json"
+POINTER = "latest"
+CRASH_ENV = "EXGRPO_FAST_CRASH_AT"
+"""Fault injection: set to one of CRASH_POINTS ("POINT", or "POINT:N" for its N-th occurrence in the process) and
+the saving process dies (os._exit(CRASH_EXIT)) right after that step of the save sequence. For tests only."""
+CRASH_POINTS = ("begin", "writing", "tmp_complete", "old_aside", "committed", "pointer_written", "pointer_swapped",
+                "old_deleted", "pruned")  # fmt: skip
+CRASH_EXIT = 97
+_OLD = re.compile(r"^\.(?P<name>.+)\.old-\d+$")
+_JUNK = re.compile(r"^\..+\.(tmp|del)-\d+$")
 
 
 def _is_distributed() -> bool:
@@ -84,26 +115,147 @@ def _shard_like(osd: dict, optimizer) -> dict:
     return {**osd, "state": state}
 
 
-def _atomic_dir_write(final: Path, write) -> None:
-    """write(tmp_dir) then rename tmp_dir to final (replacing an older final dir)."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+_crash_counts: dict[str, int] = {}
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _crash_point(name: str) -> None:
+    """Die here, without cleanup, if the fault-injection hook names this step (tests only)."""
+    want = os.environ.get(CRASH_ENV)
+    if not want or want.split(":")[0] != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if ":" not in want or _crash_counts[name] == int(want.split(":")[1]):
+        os._exit(CRASH_EXIT)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames/creations inside `path` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename to a `.del-PID` name first (atomic: the dir stops counting as a checkpoint), then delete."""
+    grave = path.with_name(f".{path.name.lstrip('.')}.del-{os.getpid()}")
+    if grave.exists():
+        shutil.rmtree(grave, ignore_errors=True)
+    os.replace(path, grave)
+    _fsync_dir(path.parent)
+    shutil.rmtree(grave, ignore_errors=True)
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def checkpoint_meta(path: str | Path) -> dict | None:
+    """{"stage", "step", "seq"} of a complete checkpoint dir, {"seq": -1, ...} for one written before checkpoint.json
+    existed (trainer_state.pt present), None when `path` is not a complete checkpoint."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        return None
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        if isinstance(meta, dict) and isinstance(meta.get("seq"), int):
+            return meta
+        return None  # checkpoint.json present but garbled: not a checkpoint we wrote completely
+    except FileNotFoundError:
+        return {"stage": None, "step": None, "seq": -1}  # legacy layout
+    except (OSError, ValueError):
+        return None
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints in a checkpoints dir, oldest first (by seq, then trainer_state.pt mtime for legacy ones).
+    Includes `.NAME.old-PID` dirs: during an overwrite of NAME they hold its last complete version."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        if not entry.is_dir() or _JUNK.match(entry.name) or (entry.name.startswith(".") and not _OLD.match(entry.name)):
+            continue
+        meta = checkpoint_meta(entry)
+        try:
+            mtime = (entry / STATE_FILE).stat().st_mtime_ns
+        except OSError:  # removed meanwhile (a concurrent save pruning it)
+            continue
+        if meta is not None:
+            found.append(((meta["seq"], mtime, not entry.name.startswith(".")), entry))
+    return [p for _, p in sorted(found)]
+
+
+def repair_checkpoints(root: str | Path) -> None:
+    """Tidy what a crashed save left in a checkpoints dir: unfinished `.tmp-`/`.del-` dirs are removed, and a
+    `.NAME.old-PID` dir goes back to NAME when NAME is missing (the crash hit between steps 4 and 5) or is removed
+    when NAME is complete again. Only the writer of a run may call this (never concurrently with a save)."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for entry in sorted(root.iterdir()):
+        if _JUNK.match(entry.name) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith(f".{POINTER}.tmp-") and entry.is_file():
+            entry.unlink(missing_ok=True)
+    for entry in sorted(root.iterdir()):
+        m = _OLD.match(entry.name)
+        if not (m and entry.is_dir()):
+            continue
+        final = root / m.group("name")
+        if checkpoint_meta(final) is not None:
+            _remove_dir(entry)
+        elif not final.exists():
+            os.replace(entry, final)
+            _fsync_dir(root)
+    newest = list_checkpoints(root)
+    if newest and not newest[-1].name.startswith("."):
+        pointer = root / POINTER
+        if not pointer.is_file() or pointer.read_text().strip() != newest[-1].name:
+            _swap_pointer(root, newest[-1].name, crash_points=False)
+
+
+def _swap_pointer(root: Path, name: str, *, crash_points: bool = True) -> None:
+    """Point `latest` at `name` atomically: write a temp file, fsync it, os.replace, fsync the dir."""
+    tmp = root / f".{POINTER}.tmp-{os.getpid()}"
+    _write_durable(tmp, name + "\n")
+    if crash_points:
+        _crash_point("pointer_written")
+    os.replace(tmp, root / POINTER)
+    _fsync_dir(root)
+    if crash_points:
+        _crash_point("pointer_swapped")
+
+
+def _prune(root: Path, stage: str, keep_last: int, keep: set[Path]) -> None:
+    """Remove this stage's complete checkpoints beyond the newest keep_last (legacy ones, other stages and `keep`
+    are left alone)."""
+    mine = [
+        p
+        for p in list_checkpoints(root)
+        if not p.name.startswith(".") and (checkpoint_meta(p) or {}).get("stage") == stage
+    ]
+    for path in mine[: max(len(mine) - keep_last, 0)]:
+        if path.resolve() not in keep:
+            _remove_dir(path)
 
 
 def save_checkpoint(
@@ -116,11 +268,25 @@ def save_checkpoint(
     stage: str,
     step: int,
     extra: dict | None = None,
+    keep_last: int | None = None,
+    keep: Iterable[str | Path] = (),
 ) -> Path:
-    """Write a checkpoint to ckpt_dir atomically (rank 0 writes; every rank must call under FSDP2)."""
+    """Write a checkpoint to ckpt_dir crash-safely (see the module docstring); rank 0 writes, and every rank must
+    call under FSDP2 (the state is gathered). Overwriting an existing ckpt_dir is safe too.
+
+    keep_last: after the save, keep only the newest keep_last checkpoints *of this stage* in ckpt_dir's parent
+    (None or 0 = keep all); checkpoints of other stages (e.g. the SFT end that GRPO uses as its reference) and the
+    paths in `keep` are never removed by it.
+    """
     ckpt_dir = Path(ckpt_dir)
+    if keep_last is not None and keep_last < 0:
+        raise ValueError(f"keep_last={keep_last}: expected >= 0 (0 or None = keep all)")
     model_sd, optim_sd = _full_state(model, optimizer)
     if _rank() == 0:
+        root = ckpt_dir.parent
+        root.mkdir(parents=True, exist_ok=True)
+        repair_checkpoints(root)
+        _crash_point("begin")
         state = {
             "stage": stage,
             "step": step,
@@ -129,37 +295,72 @@ def save_checkpoint(
             "rng": rng_state(),
             "extra": extra or {},
         }
-
-        def write(tmp: Path) -> None:
-            unwrapped = getattr(model, "module", model)
-            unwrapped.save_pretrained(tmp, state_dict=model_sd, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            torch.save(state, tmp / STATE_FILE)
-
-        _atomic_dir_write(ckpt_dir, write)
-        _atomic_text(ckpt_dir.parent / "latest", ckpt_dir.name + "\n")
+        seq = 1 + max((checkpoint_meta(p)["seq"] for p in list_checkpoints(root)), default=0)
+        tmp = root / f".{ckpt_dir.name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        unwrapped = getattr(model, "module", model)
+        unwrapped.save_pretrained(tmp, state_dict=model_sd, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _crash_point("writing")
+        torch.save(state, tmp / STATE_FILE)
+        _fsync_tree(tmp)
+        _write_durable(tmp / META_FILE, json.dumps({"stage": stage, "step": step, "seq": seq}) + "\n")
+        _fsync_dir(tmp)
+        _crash_point("tmp_complete")
+        old = None
+        if ckpt_dir.exists():
+            old = root / f".{ckpt_dir.name}.old-{os.getpid()}"
+            os.replace(ckpt_dir, old)
+            _fsync_dir(root)
+            _crash_point("old_aside")
+        os.replace(tmp, ckpt_dir)
+        _fsync_dir(root)
+        _crash_point("committed")
+        _swap_pointer(root, ckpt_dir.name)
+        if old is not None:
+            _remove_dir(old)
+        _crash_point("old_deleted")
+        if keep_last:
+            _prune(root, stage, keep_last, {ckpt_dir.resolve(), *(Path(k).resolve() for k in keep)})
+        _crash_point("pruned")
     if _is_distributed():
         dist.barrier()
     return ckpt_dir
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir from a checkpoint dir, a run dir or a checkpoints dir (newest via its `latest` file)."""
+    """A checkpoint dir from a checkpoint dir, a run dir or a checkpoints dir: the newest complete checkpoint there
+    (largest seq; the `latest` pointer is a convenience for people and is not trusted). Raises MissingPathError
+    naming the path when it does not exist or holds no complete checkpoint."""
     path = Path(path)
-    if (path / STATE_FILE).is_file():
+    if not path.exists():
+        raise MissingPathError(f"checkpoint path {path} does not exist")
+    if not path.is_dir():
+        raise MissingPathError(f"checkpoint path {path} is not a directory (expected a run dir or a checkpoint dir)")
+    if checkpoint_meta(path) is not None:
         return path
-    for ckpts in (path / "checkpoints", path):
-        latest = ckpts / "latest"
-        if latest.is_file():
-            cand = ckpts / latest.read_text().strip()
-            if (cand / STATE_FILE).is_file():
-                return cand
-    raise FileNotFoundError(f"no checkpoint found at {path} (expected {STATE_FILE} or a checkpoints/latest file)")
+    for root in (path / "checkpoints", path):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1]
+    if (path / STATE_FILE).is_file():
+        raise CheckpointError(f"checkpoint {path}: {META_FILE} is unreadable (the checkpoint was not completed)")
+    raise MissingPathError(
+        f"no complete checkpoint in {path} (expected a checkpoint dir with {STATE_FILE}, or a run dir / checkpoints "
+        "dir containing one)"
+    )
 
 
 def load_trainer_state(ckpt_dir: str | Path) -> dict:
-    return torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+    """The trainer state saved with a checkpoint; errors name the file."""
+    path = Path(ckpt_dir) / STATE_FILE
+    if not path.is_file():
+        raise MissingPathError(f"{path} does not exist ({Path(ckpt_dir)} is not a checkpoint written by the trainer)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated or foreign file
+        raise CheckpointError(f"{path}: cannot read the trainer state ({type(e).__name__}: {e})") from e
 
 
 def restore(state: dict, model=None, optimizer=None, scheduler=None, *, restore_rng: bool = True) -> None:

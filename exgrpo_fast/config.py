@@ -1,32 +1,49 @@
-"""One typed config for `python -m exgrpo_fast.train` (and eval): dataclasses, TOML files, CLI flags, presets.
+"""One typed config for `python -m exgrpo_fast.train` and `python -m exgrpo_fast.eval`: dataclasses, TOML, flags.
 
-Every field has a docstring (the string literal under it); `--help` prints them. Precedence, lowest first:
-preset (`--preset`, default "cpu-default") < TOML file (`--config file.toml`, sections named like the dataclass
-sections below) < CLI flags (`--section.field value`, e.g. `--grpo.steps 40 --loss.kl_beta 0.01`).
-Presets are plain functions returning a TrainConfig. The `loss` section is exgrpo_fast.ops.LossConfig itself and the
-`reward` section exgrpo_fast.rewards.RewardConfig itself: their fields, defaults, docs and checks are the CLI's.
+Every field has a docstring (the string literal under it); tyro (https://brentyi.github.io/tyro) turns the
+dataclasses into the command line and prints those docstrings in `--help`. Precedence, lowest first:
+preset (`--preset`, default "cpu-default"; or the saved config of a `--resume` run) < TOML file (`--config
+file.toml`, tables named like the sections below, loaded into the same dataclasses) < flags (`--section.field
+value`, e.g. `--grpo.steps 40 --loss.kl_beta 0.01`). Presets are plain functions returning a TrainConfig. The
+`loss` section is LossConfig itself and the `reward` section rewards.RewardConfig itself: their fields, defaults,
+docs and checks are the CLI's.
+
+Bad values raise ConfigError (a ValueError) naming the field and the value: wrong types from tyro's parser, unknown
+or mistyped TOML keys, and the range checks of `validate`.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
+import contextlib
 import dataclasses
-import inspect
-import itertools
+import io
+import json
 import math
+import re
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import tomllib
+import tyro
 
+from exgrpo_fast.errors import ConfigError
 from exgrpo_fast.reference import LossConfig
 from exgrpo_fast.rewards import RewardConfig
 from exgrpo_fast.rollout import SamplingParams
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+# ConfigError: a bad config value, TOML key or flag; the message names the field and the value. It is a UserError
+# (exit code 2 under errors.cli_main) and a ValueError.
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # sections
@@ -62,6 +79,8 @@ class DataConfig:
     """Explanatory probes per problem (K) written by the teacher when problems carry none."""
     cache_dir: str = ""
     """Where teacher-written probes are cached; "" = <run_dir>/probe_cache."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A bad row in data.train_path: "raise" stops with its file and line; "skip" leaves it out (count logged)."""
     token_budget: int = 4096
     """Max tokens per packed micro-batch (SFT, log-prob and policy passes); bounds activation memory."""
 
@@ -135,7 +154,9 @@ class LogConfig:
     eval_every: int = 30
     """Extra greedy eval every this many GRPO steps (0 = only before, after SFT and at the end)."""
     ckpt_every: int = 0
-    """Checkpoint every this many steps of each stage (0 = only at the end of each stage)."""
+    """Checkpoint every this many steps of each stage (0 = every 10% of the stage); each stage's end is saved too."""
+    keep_last: int = 2
+    """Checkpoints kept per stage, the newest (0 = all); the end of SFT (GRPO's reference) always stays."""
     tensorboard: bool = True
     """Write TensorBoard event files."""
     progress: bool = True
@@ -172,18 +193,16 @@ class TrainConfig:
         return self
 
 
-SECTIONS = ("model", "data", "sft", "grpo", "loss", "reward", "rollout", "optim", "log")
-
 # ----------------------------------------------------------------------------------------------------------------
 # validation
 
 
 def _fail(name: str, value: Any, why: str) -> None:
-    raise ValueError(f"{name}={value!r}: {why}")
+    raise ConfigError(f"{name}={value!r}: {why}")
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Raise ValueError naming the first invalid field."""
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """cfg, or ConfigError naming the first invalid field and its value."""
 
     def choose(name: str, value: Any, allowed: tuple) -> None:
         if value not in allowed:
@@ -203,7 +222,7 @@ def validate(cfg: TrainConfig) -> None:
         positive(name, _get(cfg, name))
     for name in ("data.num_probes", "sft.steps", "sft.warmup_steps", "grpo.steps", "grpo.warmup_steps",
                  "sft.lr", "grpo.lr", "optim.weight_decay", "optim.grad_clip", "log.eval_n", "log.eval_every",
-                 "log.ckpt_every", "rollout.temperature", "grpo.adv_eps"):  # fmt: skip
+                 "log.ckpt_every", "log.keep_last", "rollout.temperature", "grpo.adv_eps"):  # fmt: skip
         positive(name, _get(cfg, name), zero_ok=True)
     if cfg.grpo.group_size < 2:
         _fail("grpo.group_size", cfg.grpo.group_size, "expected >= 2 (advantages are relative within a group)")
@@ -221,11 +240,12 @@ def validate(cfg: TrainConfig) -> None:
         _fail("log.eval_n", cfg.log.eval_n, f"expected <= data.n_test={cfg.data.n_test}")
     if cfg.loss.teacher_beta > 0 and not cfg.model.teacher_path:
         _fail("loss.teacher_beta", cfg.loss.teacher_beta, "> 0 needs model.teacher_path")
-    for section, cls in (("loss", "LossConfig"), ("reward", "RewardConfig")):
+    for section in ("loss", "reward"):
         try:  # these sections check themselves on construction; rebuild them to run the checks on CLI / TOML values
             dataclasses.replace(getattr(cfg, section))
         except ValueError as e:
-            raise ValueError(str(e).replace(f"{cls}: ", f"{section}: ").replace(f"{cls}.", f"{section}.")) from None
+            raise ConfigError(_section_names(str(e))) from None
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,186 +299,95 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
 }
 
 # ----------------------------------------------------------------------------------------------------------------
-# field introspection, TOML and CLI
+# TOML files and dicts into the dataclasses
 
 
-def _get(cfg: TrainConfig, dotted: str) -> Any:
-    obj = cfg
+def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """Docstrings written under each field, parsed from the source of the class and of its dataclass bases."""
-    docs = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass's doc wins
-        try:
-            body = ast.parse(inspect.getsource(klass).lstrip()).body[0].body
-        except (OSError, TypeError):
-            continue
-        for node, nxt in itertools.pairwise(body):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)
-            ):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def iter_fields(cls: type = TrainConfig, prefix: str = ""):
-    """Yield (dotted_name, type, default, doc) for every leaf field of the config tree."""
-    hints = typing.get_type_hints(cls)
-    docs = _field_docs(cls)
-    for f in fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            yield from iter_fields(tp, prefix + f.name + ".")
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            yield prefix + f.name, tp, default, docs.get(f.name, "")
-
-
-_LEAVES = None
-
-
-def _leaves() -> dict[str, tuple[Any, Any, str]]:
-    global _LEAVES
-    if _LEAVES is None:
-        _LEAVES = {name: (tp, default, doc) for name, tp, default, doc in iter_fields()}
-    return _LEAVES
-
-
-def _base_type(tp: Any) -> tuple[type, bool]:
-    """(scalar type, optional?) of a field annotation like `float | None`."""
-    args = typing.get_args(tp)
-    if args:
-        non_none = [a for a in args if a is not type(None)]
-        return non_none[0], len(non_none) < len(args)
-    return tp, False
-
-
-def coerce(name: str, value: Any) -> Any:
-    """Convert a TOML / CLI value to the field's type, raising ValueError naming the field."""
-    if name not in _leaves():
-        raise ValueError(f"unknown config field {name!r}")
-    tp, optional = _base_type(_leaves()[name][0])
-    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
-        return None
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true/false")
-        if tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError("expected an integer")
-            return int(value)
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError("expected a number")
-            return float(value)
-        if tp is str:
-            if not isinstance(value, str):
-                raise ValueError("expected a string")
-            return value
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name}={value!r}: {e}") from None
-    raise ValueError(f"{name}: unsupported field type {tp}")
-
-
-def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    """Set dotted fields (`{"grpo.steps": 10}`) in place; values are coerced to the field types."""
-    for name, value in overrides.items():
-        value = coerce(name, value)
-        *parents, leaf = name.split(".")
-        obj = cfg
-        for p in parents:
-            obj = getattr(obj, p)
-        setattr(obj, leaf, value)
+        cfg = getattr(cfg, part)
     return cfg
 
 
-def flatten_toml(data: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(flatten_toml(v, prefix + k + "."))
+def iter_fields(cls: type = TrainConfig, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted name, type, default) of every leaf field of the config tree."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from iter_fields(hints[f.name], prefix + f.name + ".")
         else:
-            out[prefix + k] = v
-    return out
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield prefix + f.name, hints[f.name], default
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    """value as a field of type tp (TOML and JSON values: no string parsing), or ConfigError naming the field."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{name}={value!r}: expected one of {args}")
+    if args and type(None) in args:  # X | None
+        if value is None:
+            return None
+        return _coerce(name, next(a for a in args if a is not type(None)), value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp in (bool, int, str) and type(value) is tp:
+        return value
+    raise ConfigError(f"{name}={value!r}: expected {getattr(tp, '__name__', tp)}")
+
+
+def merge(cfg: Any, values: Mapping, prefix: str = "") -> Any:
+    """Set the fields of the dataclass cfg from a nested mapping (a TOML document, a saved config.json); unknown
+    names and mistyped values raise ConfigError naming the dotted field. Returns cfg."""
+    hints = typing.get_type_hints(type(cfg))
+    for key, value in values.items():
+        name = prefix + key
+        if key not in hints:
+            raise ConfigError(f"unknown config field {name!r}")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{name}={value!r}: expected a table [{name}]")
+            merge(getattr(cfg, key), value, name + ".")
+        else:
+            setattr(cfg, key, _coerce(name, hints[key], value))
+    return cfg
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfig:
+    """Set dotted fields (`{"grpo.steps": 10}`) in place, type-checked like a TOML file's values."""
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        merge(cfg, _nest(parents, {leaf: value}))
+    return cfg
+
+
+def _nest(parents: list[str], leaf: dict) -> dict:
+    for p in reversed(parents):
+        leaf = {p: leaf}
+    return leaf
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Flat {dotted_name: value} from a TOML file; a top-level `preset = "..."` key is returned as "preset"."""
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
-    flat = flatten_toml(data)
-    for name in flat:
-        if name != "preset" and name not in _leaves():
-            raise ValueError(f"{path}: unknown config field {name!r}")
-    return flat
+    """The nested tables of a TOML file; a syntax error is a ConfigError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror}") from None
 
 
-def build_parser(prog: str = "python -m exgrpo_fast.train", description: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description=description or __doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS,
-    )
-    p.add_argument("--config", help="TOML config file (overrides the preset; CLI flags override it)")
-    p.add_argument("--preset", help=f"base preset: {', '.join(PRESETS)} (default cpu-default)")
-    p.add_argument("--resume", help="run dir or checkpoint dir to continue from (its config is the base)")
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, tp, default, doc in iter_fields():
-        section = name.split(".")[0] if "." in name else "general"
-        if section not in groups:
-            groups[section] = p.add_argument_group(section)
-        base, optional = _base_type(tp)
-        metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[base] + ("|none" if optional else "")
-        shown = "none" if default is None else repr(default) if base is str else default
-        groups[section].add_argument(f"--{name}", dest=name, metavar=metavar, help=f"{doc} (default: {shown})")
-    return p
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    """Config from preset < --config TOML < CLI flags. Returns (validated config, raw namespace)."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    ns = vars(args)
-    toml_values = load_toml(ns["config"]) if "config" in ns else {}
-    preset = ns.get("preset") or toml_values.pop("preset", None) or "cpu-default"
-    toml_values.pop("preset", None)
-    if preset not in PRESETS:
-        raise ValueError(f"preset={preset!r}: expected one of {tuple(PRESETS)}")
-    cfg = PRESETS[preset]()
-    if "resume" in ns:
-        saved = find_saved_config(ns["resume"])
-        if saved is not None:
-            cfg = from_dict(saved)
-    apply_overrides(cfg, toml_values)
-    apply_overrides(cfg, {k: v for k, v in ns.items() if k in _leaves()})
-    validate(cfg)
-    return cfg, args
-
-
-def from_dict(d: dict) -> TrainConfig:
-    cfg = TrainConfig()
-    apply_overrides(cfg, {k: v for k, v in flatten_toml(d).items() if k in _leaves()})
-    return cfg
+def from_dict(d: Mapping) -> TrainConfig:
+    """A TrainConfig from the nested dict of a config.json (TrainConfig.to_dict)."""
+    return merge(TrainConfig(), d)
 
 
 def find_saved_config(path: str | Path) -> dict | None:
     """The config.json of a run dir or of the run dir above a checkpoint dir, if any."""
-    import json
-
     path = Path(path)
     for cand in (path / "config.json", path.parent / "config.json", path.parent.parent / "config.json"):
         if cand.is_file():
@@ -469,7 +398,7 @@ def find_saved_config(path: str | Path) -> dict | None:
 def to_toml(cfg: TrainConfig) -> str:
     """A TOML dump of the config (None fields are left out: TOML has no null; they take their default)."""
     lines, section = [], None
-    for name, _, _, _ in iter_fields():
+    for name, _, _ in iter_fields():
         value = _get(cfg, name)
         if value is None:
             continue
@@ -478,11 +407,149 @@ def to_toml(cfg: TrainConfig) -> str:
             if sec:
                 lines.append(f"\n[{sec}]")
             section = sec
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, str):
-            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        else:
-            text = repr(value)
+        text = json.dumps(value) if isinstance(value, (bool, str)) else repr(value)  # TOML true/false, "s", 1e-4
         lines.append(f"{leaf} = {text}")
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command lines (tyro)
+
+
+@dataclass
+class TrainArgs:
+    """Teacher-guided explanatory distillation: EI SFT, then ExGRPO (python -m exgrpo_fast.train)."""
+
+    config: str = ""
+    """TOML config file: overrides the preset; flags override it."""
+    preset: str = "cpu-default"
+    """Base config: cpu-default, gpu, grpo-no-probes or test (a TOML file may name one with preset = "...")."""
+    resume: str = ""
+    """Run dir or checkpoint dir to continue from; its saved config replaces the preset."""
+    train: Annotated[TrainConfig, tyro.conf.arg(name="")] = field(default_factory=TrainConfig)
+
+
+@dataclass
+class EvalArgs:
+    """Greedy evaluation of a checkpoint on the held-out splits (python -m exgrpo_fast.eval CKPT)."""
+
+    ckpt: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="CKPT")]
+    """HF checkpoint dir (or a run dir: its newest checkpoint)."""
+    n: int = 64
+    """Problems per held-out split."""
+    seed: int = 0
+    """Seed of the built-in problem generator."""
+    data: str = ""
+    """User problems file (JSONL / Parquet / CSV) evaluated as test_id; "" = the built-in splits."""
+    max_new_tokens: int = 24
+    """Max tokens the student writes per turn."""
+    batch_size: int = 64
+    """Dialogues per KV cache."""
+    probes: bool = True
+    """Ask the probes after the question (--no_probes: the question only)."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter / compute dtype."""
+    out: str = ""
+    """JSON output path; "" = CKPT/eval.json."""
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("true", "1", "yes", "on"):
+        return True
+    if low in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false)")
+
+
+def _parse_none(text: str) -> None:
+    if text.lower() not in ("none", "null"):
+        raise ValueError(f"{text!r} is not None")
+
+
+_REGISTRY = tyro.constructors.ConstructorRegistry()
+
+
+@_REGISTRY.primitive_rule
+def _bool_rule(info: tyro.constructors.PrimitiveTypeInfo) -> tyro.constructors.PrimitiveConstructorSpec | None:
+    """`--flag true|false` in any case (and 1/0, yes/no), as the flags always accepted."""
+    if info.type is not bool:
+        return None
+    return tyro.constructors.PrimitiveConstructorSpec(
+        nargs=1, metavar="BOOL", instance_from_str=lambda a: _parse_bool(a[0]),
+        is_instance=lambda x: isinstance(x, bool), str_from_instance=lambda x: [str(x).lower()],
+    )  # fmt: skip
+
+
+@_REGISTRY.primitive_rule
+def _none_rule(info: tyro.constructors.PrimitiveTypeInfo) -> tyro.constructors.PrimitiveConstructorSpec | None:
+    """`--loss.dual_clip_c none` (any case) for optional fields."""
+    if info.type is not type(None):
+        return None
+    return tyro.constructors.PrimitiveConstructorSpec(
+        nargs=1, metavar="none", instance_from_str=lambda a: _parse_none(a[0]), is_instance=lambda x: x is None,
+        str_from_instance=lambda x: ["none"],
+    )  # fmt: skip
+
+
+_BOX = re.compile(r"[\u2500-\u257f]")  # box-drawing characters of tyro's error panels
+
+
+def cli(cls: type, argv: list[str], *, default: Any = tyro.MISSING_NONPROP, prog: str) -> Any:
+    """Parse argv into cls with tyro: `--section.field value` flags (underscores kept, booleans take a value).
+    `--help` prints and exits; any other parse error raises ConfigError carrying tyro's message."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            out = tyro.cli(
+                cls, args=argv, default=default, prog=prog, use_underscores=True, registry=_REGISTRY,
+                config=(tyro.conf.FlagConversionOff,) if cls is TrainArgs else None,
+            )  # fmt: skip
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        message = " ".join(_BOX.sub(" ", err.getvalue()).split())  # one line: the panel's text without its frame
+        raise ConfigError(_section_names(message.replace("Error parsing train.", "Error parsing "))) from None
+    sys.stderr.write(err.getvalue())
+    return out
+
+
+def _section_names(message: str) -> str:
+    """LossConfig.clip_low -> loss.clip_low: name the sections' own checks by their place in the config."""
+    for f in fields(TrainConfig):
+        tp = typing.get_type_hints(TrainConfig)[f.name]
+        if dataclasses.is_dataclass(tp):
+            message = message.replace(f"{tp.__name__}: ", f"{f.name}: ").replace(f"{tp.__name__}.", f"{f.name}.")
+    return message
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, TrainArgs]:
+    """(validated config, parsed launcher args) from preset or resumed config < --config TOML < flags."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    launch = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for name in ("--config", "--preset", "--resume"):
+        launch.add_argument(name, default="")
+    known = launch.parse_known_args(argv)[0]
+    toml = load_toml(known.config) if known.config else {}
+    preset = known.preset or toml.pop("preset", None) or "cpu-default"
+    toml.pop("preset", None)
+    if preset not in PRESETS:
+        raise ConfigError(f"preset={preset!r}: expected one of {tuple(PRESETS)}")
+    cfg = PRESETS[preset]()
+    saved = find_saved_config(known.resume) if known.resume else None
+    if saved is not None:
+        cfg = from_dict(saved)
+    try:
+        merge(cfg, toml)
+    except ConfigError as e:
+        raise ConfigError(f"{known.config}: {e}") from None
+    default = TrainArgs(config=known.config, preset=preset, resume=known.resume, train=cfg)
+    args = cli(TrainArgs, argv, default=default, prog="python -m exgrpo_fast.train")
+    return validate(args.train), args
+
+
+def parse_eval_args(argv: list[str] | None = None) -> EvalArgs:
+    """The eval command line (see EvalArgs)."""
+    return cli(EvalArgs, sys.argv[1:] if argv is None else list(argv), prog="python -m exgrpo_fast.eval")

@@ -1,4 +1,5 @@
-"""Greedy evaluation of any checkpoint: `python -m exgrpo_fast.eval CKPT [--n 64] [--out eval.json]`.
+"""Greedy evaluation of any checkpoint: `python -m exgrpo_fast.eval CKPT [--n 64] [--out eval.json]` (flags: --help;
+the command line is config.EvalArgs, parsed by the same tyro set-up as training's).
 
 For each held-out split (test_id: in-distribution, test_ood: out-of-distribution) the student answers the question
 and then every probe greedily, each turn conditioned on its own earlier answers (the same multi-turn rollout as
@@ -8,41 +9,58 @@ prints one line and writes JSON.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
+import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
+from exgrpo_fast.checkpoint import resolve_checkpoint
+from exgrpo_fast.config import parse_eval_args
+from exgrpo_fast.data.problem import Problem
+from exgrpo_fast.data.tasks import builtin_splits
+from exgrpo_fast.errors import cli_main
+from exgrpo_fast.model.loading import check_model_dir, load_model
+from exgrpo_fast.rewards import RewardConfig, score_dialogue
 from exgrpo_fast.rollout import SamplingParams, rollout_dialogues
 
 
 def evaluate(
-    model,
-    tokenizer,
-    splits: dict[str, list[dict]],
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    splits: Mapping[str, list[Problem]],
     *,
-    reward_cfg=None,
+    reward_cfg: RewardConfig | None = None,
     max_new_tokens: int = 24,
     batch_size: int = 64,
     include_probes: bool = True,
+    progress: bool = False,
 ) -> dict[str, float]:
     """{acc_<split>, probe_acc_<split>, reward_<split>} from greedy multi-turn rollouts (split names shortened:
-    test_id -> id, test_ood -> ood)."""
-    from exgrpo_fast.rewards import RewardConfig, score_dialogue
-
+    test_id -> id, test_ood -> ood). progress: a tqdm bar over the problems, shown once an eval has run 3 s.
+    Problems are sampled in chunks of batch_size, the sampler's own batches, in order."""
     reward_cfg = reward_cfg if reward_cfg is not None else RewardConfig()
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
     out: dict[str, float] = {}
+    total = sum(len(p) for p in splits.values())
+    bar = tqdm(total=total, desc="eval", unit="problem", delay=3.0, leave=False, disable=not progress)
     for split, problems in splits.items():
         if not problems:
             continue
         name = split.removeprefix("test_")
-        rollouts = rollout_dialogues(
-            model, tokenizer, problems, group_size=1, params=params, include_probes=include_probes,
-            batch_size=batch_size,
-        )  # fmt: skip
+        rollouts = []
+        for start in range(0, len(problems), batch_size):
+            chunk = rollout_dialogues(
+                model, tokenizer, problems[start : start + batch_size], group_size=1, params=params,
+                include_probes=include_probes, batch_size=batch_size,
+            )  # fmt: skip
+            rollouts += [dataclasses.replace(r, problem_index=r.problem_index + start) for r in chunk]
+            bar.update(min(batch_size, len(problems) - start))
         scores = [score_dialogue(problems[r.problem_index], r.responses, reward_cfg) for r in rollouts]
         n = len(scores)
         out[f"acc_{name}"] = sum(float(s["task"]) for s in scores) / n
@@ -50,6 +68,7 @@ def evaluate(
         if with_probes:
             out[f"probe_acc_{name}"] = sum(float(s["probe"]) for s in with_probes) / len(with_probes)
         out[f"reward_{name}"] = sum(float(s["total"]) for s in scores) / n
+    bar.close()
     return out
 
 
@@ -57,42 +76,29 @@ def format_eval(metrics: dict[str, float]) -> str:
     return " | ".join(f"{k} {v:.3f}" for k, v in metrics.items())
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m exgrpo_fast.eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt", help="HF checkpoint dir (or a run dir: its newest checkpoint)")
-    p.add_argument("--n", type=int, default=64, help="problems per held-out split")
-    p.add_argument("--seed", type=int, default=0, help="seed of the built-in problem generator")
-    p.add_argument("--data", default="", help="user problems file (JSONL/Parquet/CSV) evaluated as test_id")
-    p.add_argument("--max_new_tokens", type=int, default=24, help="max tokens per turn")
-    p.add_argument("--batch_size", type=int, default=64, help="dialogues per KV cache")
-    p.add_argument("--no_probes", action="store_true", help="answer the question only")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--out", default="", help="JSON output path (default CKPT/eval.json)")
-    args = p.parse_args(argv)
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """The command line: user errors (flags, a missing checkpoint, a bad data file) print one line and exit 2."""
+    return cli_main(_main, argv)
 
-    from exgrpo_fast.model.loading import load_model
 
+def _main(argv: list[str]) -> dict[str, float]:
+    args = parse_eval_args(argv)
     ckpt = Path(args.ckpt)
     if not (ckpt / "config.json").is_file() or (ckpt / "metrics.jsonl").is_file():
-        from exgrpo_fast.checkpoint import resolve_checkpoint
-
         ckpt = resolve_checkpoint(ckpt)
+    check_model_dir(ckpt)
+    if args.data:  # read (and check every row of) the data before the model is loaded
+        from exgrpo_fast.data.sources import load_problems  # user files: the datasets edge
+
+        splits = {"test_id": [Problem.from_dict(row) for row in load_problems(args.data)][: args.n]}
+    else:
+        splits = {s: v for s, v in builtin_splits(0, args.n, seed=args.seed).items() if s != "train"}
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, tokenizer = load_model(ckpt, dtype=getattr(torch, args.dtype), device=torch.device(device))
-    if args.data:
-        from exgrpo_fast.data.sources import load_problems
-
-        splits = {"test_id": list(load_problems(args.data))[: args.n]}
-    else:
-        from exgrpo_fast.data.tasks import builtin_dataset
-
-        ds = builtin_dataset(1, args.n, seed=args.seed)
-        splits = {s: [dict(x) for x in ds[s]] for s in ("test_id", "test_ood")}
     t0 = time.perf_counter()
     metrics = evaluate(
         model, tokenizer, splits, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        include_probes=not args.no_probes,
+        include_probes=args.probes, progress=sys.stderr.isatty(),
     )  # fmt: skip
     metrics["eval_s"] = time.perf_counter() - t0
     print(f"eval {ckpt} | n {args.n} | " + format_eval(metrics))

@@ -9,95 +9,72 @@ tensors are [S]; seq_ids[T] maps each token to its sequence; mask[T] marks the t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import torch
 import torch.nn.functional as F
 
-LOG_RATIO_CLAMP = 20.0  # log-ratios are clamped to +-20 before exp (exp(20) ~ 4.9e8 stays finite in fp32)
+from exgrpo_fast.loss_spec import (  # noqa: F401  (re-exported: reference.LossConfig etc. keep working)
+    IGNORE_INDEX,
+    KL_ESTIMATORS,
+    LOG_RATIO_CLAMP,
+    LOSS_AGGS,
+    LOSS_TYPES,
+    RATIO_LEVELS,
+    STAT_NAMES,
+    LossConfig,
+    LossNorm,
+)
 
-LOSS_TYPES = ("ppo", "cispo")
-RATIO_LEVELS = ("token", "sequence")
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 ADV_SCALES = ("group", "batch", "none")
-STAT_NAMES = ("clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_max", "kl_ref", "kl_teacher")
-
-
-@dataclass
-class LossConfig:
-    """Options of the clipped policy loss. Every field is validated on construction."""
-
-    loss_type: str = "ppo"
-    """"ppo": clipped surrogate max(-A r, -A clip(r)); "cispo": -sg(min(r, 1+clip_high)) A logp (MiniMax-M1)."""
-    ratio_level: str = "token"
-    """"token": r_t = exp(logp_t - old_t); "sequence" (GSPO): exp(masked mean of logp - old over the sequence)."""
-    clip_low: float = 0.2
-    """Lower clip: r is clipped at 1 - clip_low (ppo only). In [0, 1)."""
-    clip_high: float = 0.2
-    """Upper clip: r is clipped at 1 + clip_high (ppo), or truncated there (cispo). >= 0."""
-    dual_clip_c: float | None = None
-    """Dual-clip constant c > 1: for A < 0 the per-token surrogate is capped at -A c. None = off."""
-    delta: float | None = None
-    """Upper bound on r in the unclipped term only, -A min(r, delta) (two-sided clipping as in TRL). None = off."""
-    kl_estimator: str = "k3"
-    """Estimator of KL(pi || ref) and KL(pi || teacher) from d = logp - other:
-    k1 d, k2 d^2/2, k3 exp(-d)+d-1, abs |d|."""
-    kl_beta: float = 0.0
-    """Weight of the KL penalty to the reference policy (needs ref_logp when > 0)."""
-    teacher_beta: float = 0.0
-    """Weight of the KL penalty to the teacher on the student's own tokens (needs teacher_logp when > 0)."""
-    loss_agg: str = "token-mean"
-    """"token-mean" (sum / masked tokens), "seq-mean-token-mean", "seq-mean-token-sum",
-    "seq-mean-token-sum-norm" (sum / (S * max_len), Dr. GRPO). Sequences with no masked token do not count."""
-    max_len: int | None = None
-    """Normaliser of "seq-mean-token-sum-norm"; None = the largest masked-token count of any sequence in the batch."""
-
-    def __post_init__(self) -> None:
-        def choose(name: str, allowed: tuple[str, ...]) -> None:
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"LossConfig.{name}={value!r}: expected one of {allowed}")
-
-        choose("loss_type", LOSS_TYPES)
-        choose("ratio_level", RATIO_LEVELS)
-        choose("kl_estimator", KL_ESTIMATORS)
-        choose("loss_agg", LOSS_AGGS)
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, float) and v != v:
-                raise ValueError(f"LossConfig.{f.name} is NaN")
-        if not 0.0 <= self.clip_low < 1.0:
-            raise ValueError(f"LossConfig.clip_low={self.clip_low}: expected 0 <= clip_low < 1")
-        if self.clip_high < 0.0:
-            raise ValueError(f"LossConfig.clip_high={self.clip_high}: expected >= 0")
-        if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
-            raise ValueError(f"LossConfig.dual_clip_c={self.dual_clip_c}: expected > 1 (or None for off)")
-        if self.delta is not None and self.delta <= 1.0 + self.clip_high:
-            raise ValueError(
-                f"LossConfig.delta={self.delta}: expected > 1 + clip_high = {1.0 + self.clip_high} (or None for off)"
-            )
-        if self.kl_beta < 0.0 or self.teacher_beta < 0.0:
-            raise ValueError(f"LossConfig: kl_beta={self.kl_beta} and teacher_beta={self.teacher_beta} must be >= 0")
-        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
-            raise ValueError(f"LossConfig.max_len={self.max_len!r}: expected a positive int (or None)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # log-probs
 
 
+IGNORE_INDEX = -100
+"""Label value of a token that does not count (Hugging Face's ignore index): logp 0, entropy 0, zero gradient."""
+
+
+def live_rows(labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """bool [T]: tokens whose logits are read at all. A token is dead when its label is IGNORE_INDEX (-100) or,
+    for the losses, when mask is 0. Dead rows may hold anything (NaN included): they get logp 0, entropy 0 and an
+    exact zero gradient."""
+    live = labels != IGNORE_INDEX
+    if mask is not None:
+        live = live & (mask.bool() if mask.dtype == torch.bool else mask != 0)
+    return live
+
+
+def _token_logprobs_rows(
+    logits: torch.Tensor, labels: torch.Tensor, live: torch.Tensor, temperature: float, return_entropy: bool
+):
+    """token_logprobs restricted to the live rows (dead rows: 0, and never part of any arithmetic that could put
+    their NaN into a gradient: the row is replaced by zeros before the softmax)."""
+    x = logits.float() / temperature
+    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
+    x = torch.where(live.unsqueeze(-1), x, zero)  # where, not multiply: NaN * 0 would stay NaN
+    logprobs = torch.log_softmax(x, dim=-1)  # (T, V)
+    safe_labels = torch.where(live, labels.long(), torch.zeros_like(labels, dtype=torch.long))
+    logp = torch.where(live, logprobs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1), zero)  # (T,)
+    if not return_entropy:
+        return logp
+    p = logprobs.exp()
+    # 0 * log 0 = 0: a vocab-masked (-inf) entry has p = 0 and contributes nothing, to the value or the gradient
+    plogp = p * torch.where(p > 0, logprobs, zero)
+    entropy = torch.where(live, -plogp.sum(-1), zero)
+    return logp, entropy
+
+
 def token_logprobs(
     logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0, return_entropy: bool = False
 ):
     """logp[t] = log_softmax(logits[t].float() / temperature)[labels[t]], fp32 [T]; optionally the entropy of the
-    same tempered distribution, fp32 [T]. Differentiable w.r.t. logits."""
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # (T, V)
-    logp = logprobs.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)  # (T,)
-    if not return_entropy:
-        return logp
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
-    return logp, entropy
+    same tempered distribution, fp32 [T], with 0 * log 0 = 0 (vocab-masked -inf logits give a finite entropy and
+    finite, exact gradients). Differentiable w.r.t. logits.
+
+    labels[t] == -100 (IGNORE_INDEX) marks a token that does not count: logp 0, entropy 0, zero gradient, and its
+    row of logits is never used (it may hold NaN)."""
+    return _token_logprobs_rows(logits, labels, live_rows(labels), temperature, return_entropy)
 
 
 def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,10 +91,23 @@ def token_logprobs_linear(
     temperature: float = 1.0,
     return_entropy: bool = False,
 ):
-    """token_logprobs of the LM head's logits (materialised here; the fused op never does)."""
-    return token_logprobs(
-        linear_logits(hidden, weight, bias), labels, temperature=temperature, return_entropy=return_entropy
-    )
+    """token_logprobs of the LM head's logits (materialised here; the fused ops never do). Rows whose label is -100
+    are masked: logp (and entropy) 0 there, an exact zero gradient, and whatever those hidden rows hold (NaN
+    included) never reaches another output."""
+    valid = labels != IGNORE_INDEX
+    return _linear_logprobs_valid(hidden, weight, labels, valid, bias, temperature, return_entropy)
+
+
+def _linear_logprobs_valid(hidden, weight, labels, valid, bias, temperature, return_entropy):
+    """token_logprobs_linear on the rows where valid is set; the other rows' hidden states are replaced by 0 before
+    the GEMM (so NaN there cannot leak through 0 * NaN), and their outputs are 0."""
+    h = torch.where(valid[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+    safe_labels = torch.where(valid, labels.long(), 0)
+    logp, entropy = token_logprobs(linear_logits(h, weight, bias), safe_labels, temperature=temperature,
+                                   return_entropy=True)  # fmt: skip
+    zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    logp, entropy = torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+    return (logp, entropy) if return_entropy else logp
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,7 +182,7 @@ def _segment_sum(values: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> 
 
 def policy_loss(
     logp: torch.Tensor,
-    old_logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     seq_ids: torch.Tensor,
     mask: torch.Tensor,
@@ -200,12 +190,18 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     teacher_logp: torch.Tensor | None = None,
     cfg: LossConfig | None = None,
+    norm: LossNorm | None = None,
 ):
     """Clipped policy loss with KL to the reference and the teacher. Returns (loss 0-dim, stats dict of 0-dim).
 
     Differentiable w.r.t. logp. Tokens where mask is 0 contribute nothing (their inputs are zeroed before any exp).
+    old_logp=None means on-policy: old = logp detached (ratio 1, the gradient of the ratio still flows).
+    norm: the whole optimizer step's normaliser (masked tokens, live sequences, max length); with it this batch's
+    loss is its share of the step loss. None = this batch's own, as if it were the whole step.
     """
     cfg = cfg if cfg is not None else LossConfig()
+    if old_logp is None:
+        old_logp = logp.detach()
     if cfg.kl_beta > 0 and ref_logp is None:
         raise ValueError("cfg.kl_beta > 0 needs ref_logp")
     if cfg.teacher_beta > 0 and teacher_logp is None:
@@ -263,14 +259,23 @@ def policy_loss(
     # ---- aggregation
     has_tokens = (count > 0).float()
     num_live = has_tokens.sum().clamp_min(1.0)
+    num_norm_tokens = num_tokens.clamp_min(1.0)
+    if norm is not None:
+        num_live = torch.tensor(max(norm.num_seqs, 1.0), dtype=torch.float32, device=logp.device)
+        num_norm_tokens = torch.tensor(max(norm.num_tokens, 1.0), dtype=torch.float32, device=logp.device)
     if cfg.loss_agg == "token-mean":
-        loss = per_token.sum() / num_tokens.clamp_min(1.0)
+        loss = per_token.sum() / num_norm_tokens
     elif cfg.loss_agg == "seq-mean-token-mean":
         loss = (_segment_sum(per_token, seq_ids, num_seqs) / count.clamp_min(1.0)).sum() / num_live
     elif cfg.loss_agg == "seq-mean-token-sum":
         loss = _segment_sum(per_token, seq_ids, num_seqs).sum() / num_live
     else:  # seq-mean-token-sum-norm
-        max_len = float(cfg.max_len) if cfg.max_len is not None else count.max().clamp_min(1.0)
+        if cfg.max_len is not None:
+            max_len = float(cfg.max_len)
+        elif norm is not None:
+            max_len = max(norm.max_len, 1.0)
+        else:
+            max_len = count.max().clamp_min(1.0)
         loss = per_token.sum() / (num_live * max_len)
 
     # ---- stats (0-dim tensors, no host sync)
@@ -300,12 +305,16 @@ def fused_policy_loss(
     temperature: float = 1.0,
     cfg: LossConfig | None = None,
 ):
-    """token_logprobs then policy_loss; stats also hold the masked mean entropy. Grads w.r.t. logits."""
-    logp, entropy = token_logprobs(logits, labels, temperature=temperature, return_entropy=True)
+    """token_logprobs then policy_loss; stats also hold the masked mean entropy. Grads w.r.t. logits.
+
+    Tokens with mask 0 or label -100 (IGNORE_INDEX) are masked: they contribute nothing, their gradient is exactly
+    zero and their logits are never used (prompt and padding rows may hold NaN or garbage)."""
+    live = live_rows(labels, mask)
+    logp, entropy = _token_logprobs_rows(logits, labels, live, temperature, True)
     loss, stats = policy_loss(
-        logp, old_logp, advantages, seq_ids, mask, ref_logp=ref_logp, teacher_logp=teacher_logp, cfg=cfg
+        logp, old_logp, advantages, seq_ids, live, ref_logp=ref_logp, teacher_logp=teacher_logp, cfg=cfg
     )
-    stats["entropy"] = masked_mean(entropy.detach(), mask)
+    stats["entropy"] = masked_mean(entropy.detach(), live)
     return loss, stats
 
 
@@ -313,7 +322,7 @@ def fused_linear_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    old_logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     seq_ids: torch.Tensor,
     mask: torch.Tensor,
@@ -323,20 +332,18 @@ def fused_linear_policy_loss(
     teacher_logp: torch.Tensor | None = None,
     temperature: float = 1.0,
     cfg: LossConfig | None = None,
+    norm: LossNorm | None = None,
 ):
-    """fused_policy_loss on the LM head's logits. Grads w.r.t. hidden, weight (and bias)."""
-    return fused_policy_loss(
-        linear_logits(hidden, weight, bias),
-        labels,
-        old_logp,
-        advantages,
-        seq_ids,
-        mask,
-        ref_logp=ref_logp,
-        teacher_logp=teacher_logp,
-        temperature=temperature,
-        cfg=cfg,
+    """policy_loss on the LM head's log-probs; stats also hold the masked mean entropy. Grads w.r.t. hidden, weight
+    (and bias). Tokens with label -100 are masked; masked rows of hidden are never used (exact zero gradient).
+    old_logp=None means on-policy (ratio 1)."""
+    valid = (mask != 0) & (labels != IGNORE_INDEX)
+    logp, entropy = _linear_logprobs_valid(hidden, weight, labels, valid, bias, temperature, True)
+    loss, stats = policy_loss(
+        logp, old_logp, advantages, seq_ids, valid, ref_logp=ref_logp, teacher_logp=teacher_logp, cfg=cfg, norm=norm
     )
+    stats["entropy"] = masked_mean(entropy.detach(), valid)
+    return loss, stats
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

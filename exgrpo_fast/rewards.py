@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 
-from exgrpo_fast.data.tasks import checkable_probes
+from exgrpo_fast.data.problem import Problem, as_problem, checkable_probes
 
 _ANSWER = re.compile(r"\banswer[ \t]*:[ \t]*([^\n<]*)", re.IGNORECASE)  # "Answer: X" (our format)
 _ANSWER_IS = re.compile(r"\banswer[ \t]+is[ \t]*:?[ \t]*([^\n<]*)", re.IGNORECASE)  # "the answer is X"
@@ -104,21 +105,22 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.dsu_mode={self.dsu_mode!r}: expected 'product' or 'all'")
 
 
-def score_dialogue(problem: dict, responses: list[str], cfg: RewardConfig | None = None) -> dict:
+def score_dialogue(problem: Problem | Mapping, responses: list[str], cfg: RewardConfig | None = None) -> dict:
     """Reward terms of one dialogue. responses[0] answers the question, responses[1:] the checkable probes in
     rollout order. Returns total, task, probe, dsu, format and per-kind probe correctness ("probe_<kind>")."""
     cfg = cfg or RewardConfig()
     if not responses:
         raise ValueError("responses is empty: a dialogue needs at least the answer to the question")
+    problem = as_problem(problem)
     probes = checkable_probes(problem)
-    task = float(answers_match(extract_answer(responses[0]), str(problem["answer"])))
+    task = float(answers_match(extract_answer(responses[0]), problem.answer))
     probe_right = []
     per_kind: dict[str, list[float]] = {}
     for k, p in enumerate(probes):
         reply = responses[k + 1] if k + 1 < len(responses) else None
-        ok = float(answers_match(extract_answer(reply), str(p["answer"])))
+        ok = float(answers_match(extract_answer(reply), p.answer))
         probe_right.append(ok)
-        per_kind.setdefault(p["kind"], []).append(ok)
+        per_kind.setdefault(p.kind, []).append(ok)
     probe = sum(probe_right) / len(probe_right) if probe_right else 0.0
     if not probe_right:
         dsu = 0.0

@@ -8,24 +8,36 @@ from exgrpo_fast.data.packing import pack_sequences
 from exgrpo_fast.model import attention
 from exgrpo_fast.model.forward import packed_hidden, packed_logits
 
-COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256)
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
     "qwen2": lambda: Qwen2Config(**COMMON),
     "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
     "gemma": lambda: GemmaConfig(**COMMON, head_dim=16),
     # sliding-window layers (window 5, shorter than the sequences) alternate with full ones
-    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=5, final_logit_softcapping=None,
-                                       attn_logit_softcapping=None, layer_types=["sliding_attention",
-                                                                                 "full_attention"]),
+    "gemma3": lambda: Gemma3TextConfig(
+        **COMMON,
+        head_dim=16,
+        sliding_window=5,
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
 }
 
 
 def build(name, backend="sdpa_ref", device="cpu"):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation=attention.IMPLEMENTATION)
-    attention.select_backend(device, backend)
+    attention.bind_backend(model, attention.select_backend(device, backend))
     return model.to(device).float()
 
 
@@ -100,10 +112,19 @@ def test_tokens_beyond_cu_seqlens_get_zero_output():
     q = torch.randn(1, 4, 10, 16, requires_grad=True)
     k = torch.randn(1, 2, 10, 16, requires_grad=True)
     v = torch.randn(1, 2, 10, 16, requires_grad=True)
-    attention.select_backend("cpu", "sdpa_ref")
+    layer = torch.nn.Module()
+    attention.bind_backend(layer, "sdpa_ref")
     out, _ = attention.packed_attention_forward(
-        torch.nn.Module(), q, k, v, None, scaling=0.25, cu_seq_lens_q=torch.tensor([0, 3, 7], dtype=torch.int32),
-        max_length_q=4, seq_lens_host=(3, 4), total_tokens=7,
+        layer,
+        q,
+        k,
+        v,
+        None,
+        scaling=0.25,
+        cu_seq_lens_q=torch.tensor([0, 3, 7], dtype=torch.int32),
+        max_length_q=4,
+        seq_lens_host=(3, 4),
+        total_tokens=7,
     )
     assert out.shape == (1, 10, 4, 16)
     assert torch.count_nonzero(out[0, 7:]) == 0
@@ -129,7 +150,22 @@ def test_select_backend_errors():
         attention.select_backend("cpu", "torch_varlen")
     assert attention.select_backend("cpu", "auto") == "sdpa_ref"
     assert attention.select_backend("cpu", None, dtype=torch.float32) == "sdpa_ref"
-    assert attention.active_backend() == "sdpa_ref"
+
+
+def test_backend_is_per_model_never_global():
+    """Two models bound to different backends keep their own; choosing a backend changes no model; an unbound model's
+    packed forward is an error, not a silent process-wide default."""
+    a, b = build("llama"), build("llama")
+    attention.bind_backend(b, "flash_attn")  # b is never run: the binding alone is checked
+    attention.select_backend("cpu", "sdpa_ref")
+    assert {m._packed_attn_backend for m in a.modules()} == {"sdpa_ref"}
+    assert {m._packed_attn_backend for m in b.modules()} == {"flash_attn"}
+    (batch,) = pack_sequences(sequences([5, 3]), 16)
+    unbound = AutoModelForCausalLM.from_config(CONFIGS["llama"](), attn_implementation=attention.IMPLEMENTATION)
+    with pytest.raises(ValueError, match="no packed-attention backend"):
+        packed_hidden(unbound, batch)
+    with pytest.raises(ValueError, match="backend='nope'"):
+        attention.bind_backend(a, "nope")
 
 
 @pytest.mark.gpu
@@ -149,10 +185,11 @@ def test_cuda_backends_match_reference(backend, name):
     params = [p for p in model.parameters() if p.requires_grad]
 
     def run(backend_name):
-        attention.select_backend("cuda", backend_name)
+        attention.bind_backend(model, attention.select_backend("cuda", backend_name))
         hidden = packed_hidden(model, batch)
-        upstream = torch.randn(hidden.shape, generator=torch.Generator("cuda").manual_seed(1), device="cuda",
-                               dtype=hidden.dtype)
+        upstream = torch.randn(
+            hidden.shape, generator=torch.Generator("cuda").manual_seed(1), device="cuda", dtype=hidden.dtype
+        )
         grads = torch.autograd.grad((hidden * upstream).float().sum(), params, allow_unused=True)
         return hidden.float(), grads
 

@@ -1,6 +1,7 @@
 """Config: defaults, validation naming the field, TOML < CLI precedence, presets, --help, mapping to LossConfig."""
 
 import dataclasses
+import re
 
 import pytest
 
@@ -13,11 +14,11 @@ def test_defaults_validate_and_sections_are_the_op_configs():
 
     cfg = C.preset_cpu_default().validate()
     assert isinstance(cfg.loss, LossConfig) and isinstance(cfg.reward, RewardConfig)
-    assert {n for n, *_ in C.iter_fields() if n.startswith("loss.")} == {f"loss.{f.name}" for f in
-                                                                         dataclasses.fields(LossConfig)}
+    assert {n for n, *_ in C.iter_fields() if n.startswith("loss.")} == {
+        f"loss.{f.name}" for f in dataclasses.fields(LossConfig)
+    }
     names = [n for n, *_ in C.iter_fields()]
     assert "grpo.group_size" in names and "loss.kl_beta" in names and "seed" in names
-    assert all(doc for _, _, _, doc in C.iter_fields()), "every field needs a docstring"
 
 
 @pytest.mark.parametrize(
@@ -42,8 +43,43 @@ def test_defaults_validate_and_sections_are_the_op_configs():
     ],
 )
 def test_validation_names_the_field(flags, field):
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    with pytest.raises(C.ConfigError, match=field.replace(".", r"\.")) as e:
         C.parse_args(flags)
+    assert flags[1] in str(e.value) and isinstance(e.value, ValueError)  # ...and the value
+
+
+def test_todays_flag_spelling_keeps_working(tmp_path):
+    cfg, args = C.parse_args(
+        [
+            "--grpo.steps",
+            "12",
+            "--log.out_dir",
+            "D",
+            "--data.train_path",
+            "f.jsonl",
+            "--resume",
+            str(tmp_path),
+            "--grpo.use_probes",
+            "false",
+            "--loss.dual_clip_c",
+            "None",
+            "--log.progress=False",
+            "--seed",
+            "4",
+        ]
+    )
+    assert (cfg.grpo.steps, cfg.log.out_dir, cfg.data.train_path, args.resume) == (12, "D", "f.jsonl", str(tmp_path))
+    assert (cfg.grpo.use_probes, cfg.loss.dual_clip_c, cfg.log.progress, cfg.seed) == (False, None, False, 4)
+    with pytest.raises(C.ConfigError, match="Unrecognized options: --grpo.stepz"):
+        C.parse_args(["--grpo.stepz", "1"])
+
+
+def test_resume_starts_from_the_saved_config(tmp_path):
+    saved = C.preset_test()
+    saved.grpo.steps = 5
+    (tmp_path / "config.json").write_text(__import__("json").dumps(saved.to_dict()))
+    cfg, _ = C.parse_args(["--resume", str(tmp_path / "checkpoints" / "grpo-000002"), "--sft.steps", "1"])
+    assert cfg.grpo.steps == 5 and cfg.ops_backend == "reference" and cfg.sft.steps == 1
 
 
 def test_toml_then_cli_override(tmp_path):
@@ -53,10 +89,18 @@ def test_toml_then_cli_override(tmp_path):
     assert cfg.seed == 3 and cfg.grpo.group_size == 4 and cfg.rollout.top_p == 0.9
     assert cfg.grpo.steps == 9  # CLI beats TOML
     assert cfg.loss.dual_clip_c is None
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[grpo]\nnot_a_field = 1\n")
-    with pytest.raises(ValueError, match="grpo.not_a_field"):
-        C.parse_args(["--config", str(bad)])
+    for text, match in [
+        ("[grpo]\nnot_a_field = 1\n", "bad.toml: unknown config field 'grpo.not_a_field'"),
+        ('[grpo]\nsteps = "7"\n', "grpo.steps='7': expected int"),
+        ("[grpo]\nsteps = 2.5\n", "grpo.steps=2.5"),
+        ("grpo = 3\n", "grpo=3: expected a table"),
+        ("[loss]\nclip_low = 1.5\n", "loss.clip_low=1.5"),
+        ("[grpo\n", "bad.toml"),
+    ]:
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(C.ConfigError, match=re.escape(match)):
+            C.parse_args(["--config", str(bad)])
 
 
 def test_toml_dump_roundtrip(tmp_path):
@@ -83,10 +127,34 @@ def test_shipped_toml_configs_parse():
         C.parse_args(["--config", str(path)])
 
 
-def test_help_lists_every_field(capsys):
-    with pytest.raises(SystemExit):
+def test_help_documents_every_field(capsys):
+    """--help lists every field with the docstring written under it (tyro reads them, base classes included)."""
+    with pytest.raises(SystemExit) as e:
         C.parse_args(["--help"])
-    text = capsys.readouterr().out
-    for name, _, _, _doc in C.iter_fields():
-        assert f"--{name}" in text
-    assert "Rollouts per problem" in text
+    assert e.value.code == 0
+    text = " ".join(re.sub(r"[\u2500-\u257f]", " ", capsys.readouterr().out).split())  # without the panel frames
+    for name, _, _ in C.iter_fields():
+        doc = re.search(rf"--{re.escape(name)} \S+ (.*?)\(default", text)
+        assert doc and re.search("[a-z]{3}", doc.group(1)), f"--{name} has no docstring in --help"
+    for launcher in ("--config", "--preset", "--resume"):
+        assert launcher in text
+    assert "Rollouts per problem" in text and "Sampling temperature" in text  # rollout.* docs from SamplingParams
+
+
+def test_cli_user_error_exits_2_with_one_message(capsys):
+    from exgrpo_fast import eval as E
+    from exgrpo_fast import train as T
+
+    for main, argv, field in [
+        (T.main, ["--grpo.steps", "x"], "--grpo.steps"),
+        (E.main, ["ckpt", "--dtype", "int8"], "--dtype"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and field in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_command_line():
+    args = C.parse_eval_args(["runs/x", "--n", "4", "--no_probes", "--max_new_tokens", "6"])
+    assert (args.ckpt, args.n, args.probes, args.max_new_tokens, args.dtype) == ("runs/x", 4, False, 6, "float32")

@@ -22,12 +22,10 @@ def test_eval_cli_on_tiny_checkpoint(tmp_path, capsys):
 
 def test_evaluate_perfect_oracle(tmp_path):
     """evaluate scores the student's greedy dialogue: a model that is never right scores 0 everywhere."""
-    from exgrpo_fast.data.tasks import builtin_dataset
-
+    from exgrpo_fast.data.tasks import builtin_splits
     from exgrpo_fast.model.loading import load_model
     from exgrpo_fast.model.tiny import create_tiny_checkpoint
 
     model, tok = load_model(create_tiny_checkpoint(tmp_path / "t", seed=1), dtype=torch.float32, device="cpu")
-    ds = builtin_dataset(1, 3, seed=0)
-    m = E.evaluate(model, tok, {"test_id": [dict(p) for p in ds["test_id"]]}, max_new_tokens=4)
+    m = E.evaluate(model, tok, {"test_id": builtin_splits(0, 3, seed=0)["test_id"]}, max_new_tokens=4)
     assert set(m) >= {"acc_id", "reward_id"} and 0.0 <= m["acc_id"] <= 1.0

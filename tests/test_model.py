@@ -89,3 +89,65 @@ def test_backend_bound_per_model(ckpt):
     assert all(m._packed_attn_backend == "sdpa_ref" for m in model.modules())
     with pytest.raises(ValueError, match="not available on cpu"):
         load_model(ckpt, attn_backend="flash_attn")
+
+
+# ---- the model directory is checked before anything is loaded; every error names the path
+
+
+def _copy(ckpt, dst):
+    shutil.copytree(ckpt, dst)
+    return dst
+
+
+def test_truncated_weights_named_by_path(tmp_path, ckpt):
+    from exgrpo_fast.errors import ModelError, UserError
+    from exgrpo_fast.model.loading import check_model_dir
+
+    broken = _copy(ckpt, tmp_path / "trunc")
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    for keep in (len(data) - 1, len(data) // 2, 100, 5):
+        weights.write_bytes(data[:keep])
+        with pytest.raises(ModelError, match=rf"{weights}: (truncated|corrupt)") as info:
+            load_model(broken)
+        assert isinstance(info.value, UserError)
+    weights.write_bytes(data)
+    assert check_model_dir(broken) == broken
+
+
+def test_no_tokenizer_files_is_a_clear_error(tmp_path, ckpt):
+    from exgrpo_fast.errors import ModelError
+
+    bare = _copy(ckpt, tmp_path / "bare")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (bare / f).unlink(missing_ok=True)
+    with pytest.raises(ModelError, match=rf"model path {bare} has no tokenizer files .*tokenizer\.json") as info:
+        load_model(bare)
+    assert "sentencepiece" not in str(info.value)
+    corrupt = _copy(ckpt, tmp_path / "corrupt")
+    (corrupt / "tokenizer.json").write_text((ckpt / "tokenizer.json").read_text()[:300])
+    with pytest.raises(ModelError, match=rf"cannot load the tokenizer in {corrupt}"):
+        load_model(corrupt)
+
+
+def test_bad_config_and_missing_shard(tmp_path, ckpt):
+    from exgrpo_fast.errors import MissingPathError, ModelError
+
+    bad = _copy(ckpt, tmp_path / "cfg")
+    (bad / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(ModelError, match=rf"{bad / 'config.json'}: not valid JSON"):
+        load_model(bad)
+    (bad / "config.json").write_text('{"hidden_size": 8}')
+    with pytest.raises(ModelError, match="no model_type"):
+        load_model(bad)
+    sharded = _copy(ckpt, tmp_path / "sharded")
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
+    with pytest.raises(MissingPathError, match="shard model-00002-of-00002.safetensors listed in .* is missing"):
+        load_model(sharded)
+    with pytest.raises(MissingPathError, match=f"model path {tmp_path / 'x.bin'} does not exist"):
+        load_model(tmp_path / "x.bin")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MissingPathError, match="is not a directory"):
+        load_model(tmp_path / "file")

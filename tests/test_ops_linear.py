@@ -1,8 +1,13 @@
-"""token_logprobs_linear and fused_linear_policy_loss (csrc_triton/linear_logprob.py) against the reference
-(materialised logits + policy_loss), forward and all three gradients, through the Triton interpreter on CPU."""
+"""token_logprobs_linear and fused_linear_policy_loss, both impls (csrc_triton/linear_chunked.py: GEMMs + row
+kernel; csrc_triton/linear_logprob.py: all-Triton tiles) against the reference (materialised logits +
+policy_loss), forward and all three gradients, through the Triton interpreter on CPU. Chunked runs use small
+chunks (CHUNK) so sequences are split across chunks."""
+
+import functools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from exgrpo_fast import ops
 from exgrpo_fast import reference as R
@@ -10,6 +15,18 @@ from exgrpo_fast.reference import LossConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+CHUNK = 16  # tokens per chunk in the chunked tests: T=37 gives 3 chunks, the last one partial
+IMPLS = ["chunked", "tiled"]
+
+
+def fused(impl, chunk_size=CHUNK):
+    return functools.partial(ops.fused_linear_policy_loss, impl=impl, chunk_size=chunk_size if impl == "chunked"
+                             else None)  # fmt: skip
+
+
+def linear(impl, chunk_size=CHUNK):
+    return functools.partial(ops.token_logprobs_linear, impl=impl, chunk_size=chunk_size if impl == "chunked"
+                             else None)  # fmt: skip
 
 
 def make(T, H, V, S, dtype, bias=True, device=DEVICE):
@@ -34,8 +51,20 @@ def run(fn, hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher, cf
     h = cast(hidden).detach().requires_grad_()
     w = cast(weight).detach().requires_grad_()
     bb = cast(b).detach().requires_grad_() if b is not None else None
-    loss, stats = fn(h, w, labels, old, adv, seq_ids, mask, bias=bb, ref_logp=ref, teacher_logp=teacher,
-                     temperature=temperature, cfg=cfg)
+    loss, stats = fn(
+        h,
+        w,
+        labels,
+        old,
+        adv,
+        seq_ids,
+        mask,
+        bias=bb,
+        ref_logp=ref,
+        teacher_logp=teacher,
+        temperature=temperature,
+        cfg=cfg,
+    )
     (loss * 1.3).backward()
     return loss.detach(), stats, h.grad, w.grad, (bb.grad if bb is not None else None)
 
@@ -55,14 +84,17 @@ CONFIGS = [
     LossConfig(loss_type="cispo", ratio_level="sequence", loss_agg="seq-mean-token-mean"),
     LossConfig(ratio_level="sequence", loss_agg="seq-mean-token-sum", kl_estimator="k2", kl_beta=0.1),
     LossConfig(loss_agg="seq-mean-token-sum-norm", dual_clip_c=2.0, kl_estimator="abs", teacher_beta=0.2),
+    LossConfig(loss_type="cispo", loss_agg="seq-mean-token-mean", kl_estimator="k1", kl_beta=0.1, delta=None),
+    LossConfig(delta=1.5, loss_agg="seq-mean-token-sum", kl_estimator="k3", teacher_beta=0.1),
 ]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.loss_type}-{c.ratio_level}-{c.loss_agg}")
-@pytest.mark.parametrize("dtype, bias, H", [(torch.float32, True, 48), (torch.bfloat16, False, 16)])
-def test_fused_linear_matches_reference(cfg, dtype, bias, H):
+@pytest.mark.parametrize("dtype, bias, H", [(torch.float32, True, 48), (torch.bfloat16, False, 19)])
+def test_fused_linear_matches_reference(impl, cfg, dtype, bias, H):
     batch = make(37, H, 203, 5, dtype, bias=bias)
-    loss, stats, dh, dw, db = run(ops.fused_linear_policy_loss, *batch, cfg, 0.8)
+    loss, stats, dh, dw, db = run(fused(impl), *batch, cfg, 0.8)
     loss_l, stats_l, dh_l, dw_l, db_l = run(R.fused_linear_policy_loss, *batch, cfg, 0.8)
     loss_r, stats_r, dh_r, dw_r, db_r = run(R.fused_linear_policy_loss, *batch, cfg, 0.8, upcast=True)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -77,11 +109,11 @@ def test_fused_linear_matches_reference(cfg, dtype, bias, H):
         assert_close_2x("dbias", db, db_l, db_r, dtype)
 
 
-def test_linear_path_equals_logits_path():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_path_equals_logits_path(impl):
     hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(21, 32, 77, 3, torch.float32)
     cfg = LossConfig(kl_beta=0.1)
-    loss, stats, dh, dw, db = run(ops.fused_linear_policy_loss, hidden, weight, b, labels, old, adv, seq_ids, mask,
-                                  ref, None, cfg, 1.0)
+    loss, stats, dh, dw, db = run(fused(impl), hidden, weight, b, labels, old, adv, seq_ids, mask, ref, None, cfg, 1.0)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     bb = b.clone().requires_grad_()
@@ -94,9 +126,10 @@ def test_linear_path_equals_logits_path():
     assert all(stats[k].item() == pytest.approx(stats2[k].item(), rel=1e-5, abs=1e-6) for k in stats)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H, bias", [(16, True), (48, False), (40, True)])  # 40: H tail masked inside a chunk
-def test_logp_entropy_and_grads_match_reference(dtype, H, bias):
+def test_logp_entropy_and_grads_match_reference(impl, dtype, H, bias):
     hidden, weight, b, labels, *_ = make(37, H, 203, 3, dtype, bias=bias)
     g_logp, g_ent = torch.randn(37), torch.randn(37)
 
@@ -107,22 +140,22 @@ def test_logp_entropy_and_grads_match_reference(dtype, H, bias):
         ((lp * g_logp).sum() + (en * g_ent).sum()).backward()
         return [lp.detach(), en.detach()] + [t.grad for t in ins if t is not None]
 
-    got, low, truth = go(ops.token_logprobs_linear, False), go(R.token_logprobs_linear, False), go(
-        R.token_logprobs_linear, True)
+    got, low, truth = go(linear(impl), False), go(R.token_logprobs_linear, False), go(R.token_logprobs_linear, True)
     for name, a, lo, tr in zip(("logp", "entropy", "dhidden", "dweight", "dbias"), got, low, truth):
         assert_close_2x(name, a, lo, tr, dtype)
 
 
-def test_token_logprobs_linear_with_and_without_grad():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_token_logprobs_linear_with_and_without_grad(impl):
     hidden, weight, b, labels, *_ = make(19, 32, 99, 2, torch.float32)
     with torch.no_grad():
-        logp, ent = ops.token_logprobs_linear(hidden, weight, labels, bias=b, temperature=0.7, return_entropy=True)
+        logp, ent = linear(impl)(hidden, weight, labels, bias=b, temperature=0.7, return_entropy=True)
     want, want_ent = R.token_logprobs_linear(hidden, weight, labels, bias=b, temperature=0.7, return_entropy=True)
     assert torch.allclose(logp, want, atol=1e-5) and torch.allclose(ent, want_ent, atol=1e-5)
     assert not logp.requires_grad
     # differentiable (SFT cross-entropy), including an entropy term
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    lp, en = ops.token_logprobs_linear(h, w, labels, return_entropy=True)
+    lp, en = linear(impl)(h, w, labels, return_entropy=True)
     (-lp.mean() + 0.1 * en.mean()).backward()
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     lp2, en2 = R.token_logprobs_linear(h2, w2, labels, return_entropy=True)
@@ -130,11 +163,13 @@ def test_token_logprobs_linear_with_and_without_grad():
     assert torch.allclose(h.grad, h2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
 
 
-def test_determinism():
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])  # chunked: the 3-GEMM and the 4-GEMM mode
+def test_determinism(impl, ratio_level):
     batch = make(33, 32, 150, 4, torch.bfloat16)
-    cfg = LossConfig(ratio_level="sequence", kl_beta=0.1)
-    a = run(ops.fused_linear_policy_loss, *batch, cfg, 1.0)
-    b = run(ops.fused_linear_policy_loss, *batch, cfg, 1.0)
+    cfg = LossConfig(ratio_level=ratio_level, kl_beta=0.1)
+    a = run(fused(impl), *batch, cfg, 1.0)
+    b = run(fused(impl), *batch, cfg, 1.0)
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3]) and torch.equal(a[4], b[4])
 
 
@@ -147,7 +182,7 @@ def test_bad_inputs():
         f(hidden, weight.bfloat16(), labels, old, adv, seq_ids, mask)
     with pytest.raises(ValueError, match="bias has 39 entries"):
         f(hidden, weight, labels, old, adv, seq_ids, mask, bias=b[:39])
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, V=40\)"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, V=40\) or be -100"):
         f(hidden, weight, labels + 40, old, adv, seq_ids, mask)
     with pytest.raises(ValueError, match="hidden is empty"):
         ops.token_logprobs_linear(hidden[:0], weight, labels[:0])
@@ -155,21 +190,30 @@ def test_bad_inputs():
         ops.token_logprobs_linear(hidden[0], weight, labels)
     with pytest.raises(ValueError, match="old_logp has 7 entries"):
         f(hidden, weight, labels, old[:7], adv, seq_ids, mask)
+    with pytest.raises(ValueError, match="impl='fast'"):
+        f(hidden, weight, labels, old, adv, seq_ids, mask, impl="fast")
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        f(hidden, weight, labels, old, adv, seq_ids, mask, impl="chunked", chunk_size=0)
+    with pytest.raises(TypeError, match="norm must be"):
+        f(hidden, weight, labels, old, adv, seq_ids, mask, norm=(1.0, 1.0, 1.0))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("H", [896, 3584])
-def test_big_shapes_on_gpu(H):
+def test_big_shapes_on_gpu(impl, H):
     T, V = 16384, 151936
-    hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(T, H, V, 64, torch.bfloat16, bias=False,
-                                                                           device="cuda")
+    hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(
+        T, H, V, 64, torch.bfloat16, bias=False, device="cuda"
+    )
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     cfg = LossConfig(kl_beta=0.05)
-    loss, _ = ops.fused_linear_policy_loss(h, w, labels, old, adv, seq_ids, mask, ref_logp=ref, cfg=cfg)
+    loss, _ = fused(impl, None)(h, w, labels, old, adv, seq_ids, mask, ref_logp=ref, cfg=cfg)
     loss.backward()
     # reference in row chunks: logp per chunk, then the loss on logp, then grads through a chunked autograd graph
-    logp = torch.cat([R.token_logprobs_linear(hc, weight, lc) for hc, lc in zip(hidden.split(1024),
-                                                                                 labels.split(1024))])
+    logp = torch.cat(
+        [R.token_logprobs_linear(hc, weight, lc) for hc, lc in zip(hidden.split(1024), labels.split(1024))]
+    )
     lp = logp.detach().requires_grad_()
     loss_r, _ = R.policy_loss(lp, old, adv, seq_ids, mask, ref_logp=ref, cfg=cfg)
     (g,) = torch.autograd.grad(loss_r, lp)
@@ -178,3 +222,308 @@ def test_big_shapes_on_gpu(H):
     h2 = hidden[rows].float().requires_grad_()
     (R.token_logprobs_linear(h2, weight.float(), labels[rows]) * g[rows]).sum().backward()
     assert (h.grad[rows].float() - h2.grad).abs().max().item() < 2e-2 * (1 + h2.grad.abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# chunked-specific shapes and modes
+
+
+@pytest.mark.parametrize("chunk_size", [1, 37, 64])  # one token per chunk; exactly T; T < C
+def test_chunk_sizes(chunk_size):
+    batch = make(37, 24, 101, 4, torch.float32)
+    for cfg in (LossConfig(kl_beta=0.1), LossConfig(ratio_level="sequence", loss_agg="seq-mean-token-mean")):
+        loss, stats, dh, dw, db = run(fused("chunked", chunk_size), *batch, cfg, 1.0)
+        loss_r, stats_r, dh_r, dw_r, db_r = run(R.fused_linear_policy_loss, *batch, cfg, 1.0)
+        assert loss.item() == pytest.approx(loss_r.item(), rel=1e-5, abs=1e-6)
+        for a, b in ((dh, dh_r), (dw, dw_r), (db, db_r)):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_on_policy_old_logp_none(impl, ratio_level):
+    """old_logp=None is the same loss and gradients as passing the detached current log-probs."""
+    hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(37, 24, 101, 4, torch.float32)
+    cfg = LossConfig(ratio_level=ratio_level, kl_beta=0.1, loss_agg="seq-mean-token-sum")
+    with torch.no_grad():
+        cur = R.token_logprobs_linear(hidden, weight, labels, bias=b)
+    got = run(fused(impl), hidden, weight, b, labels, None, adv, seq_ids, mask, ref, None, cfg, 1.0)
+    want = run(R.fused_linear_policy_loss, hidden, weight, b, labels, cur, adv, seq_ids, mask, ref, None, cfg, 1.0)
+    want_none = run(R.fused_linear_policy_loss, hidden, weight, b, labels, None, adv, seq_ids, mask, ref, None, cfg,
+                    1.0)  # fmt: skip
+    assert got[0].item() == pytest.approx(want[0].item(), rel=1e-5, abs=1e-6)
+    assert got[1]["ratio_mean"].item() == pytest.approx(1.0) and got[1]["ratio_max"].item() == pytest.approx(1.0)
+    for i in (2, 3, 4):
+        assert torch.allclose(got[i], want[i], atol=1e-5, rtol=1e-4)
+        assert torch.allclose(want_none[i], want[i], atol=1e-6, rtol=1e-5)
+
+
+class _CountOps(TorchDispatchMode):
+    """Records every aten op and the new storages (with their shapes) that the ops create."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.storages = [], {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(func.overloadpacket.__name__)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                self.storages.setdefault((st.data_ptr(), st.nbytes()), tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("cfg, gemms", [(LossConfig(kl_beta=0.1), 3), (LossConfig(ratio_level="sequence"), 4)])
+def test_chunked_gemm_count(cfg, gemms):
+    """3 GEMMs per chunk when g is known in the forward (token ratio), 4 for GSPO with old log-probs given."""
+    T, chunk = 40, 16
+    batch = make(T, 24, 101, 4, torch.float32, bias=False)
+    with _CountOps() as mode:
+        run(fused("chunked", chunk), *batch, cfg, 1.0)
+    matmuls = sum(op in ("mm", "addmm", "addmm_") for op in mode.ops)
+    assert matmuls == gemms * -(-T // chunk), mode.ops
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_tv_allocation(impl, dtype):
+    """Measured in bytes: the only V-wide storage bigger than a few [V] vectors is the chunk buffer (chunked) or a
+    weight-shaped gradient buffer; the reference, for contrast, allocates [T, V]."""
+    T, H, V, chunk = 96, 24, 203, 16
+    elem = torch.finfo(dtype).bits // 8
+    batch = make(T, H, V, 6, dtype)
+    cfg = LossConfig(kl_beta=0.1)
+
+    def v_wide(fn):
+        with _CountOps() as mode:
+            run(fn, *batch, cfg, 1.0)
+        return {(nbytes, shape) for (_, nbytes), shape in mode.storages.items() if nbytes > 4 * V * 4}
+
+    # weight-shaped (dW, fp32 and input dtype) and hidden-shaped (dh) gradient buffers, and the chunk buffer
+    allowed = {V * H * 4, V * H * elem, T * H * 4, T * H * elem} | ({chunk * V * elem} if impl == "chunked" else set())
+    big = v_wide(fused(impl, chunk))
+    assert {nbytes for nbytes, _ in big} <= allowed, sorted(big)
+    if impl == "chunked":
+        assert (chunk * V * elem, (chunk, V)) in big  # the chunk buffer is there, and it is the only one
+    assert any(nbytes >= T * V * elem for nbytes, _ in v_wide(R.fused_linear_policy_loss))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs real training produces (issue 9): -100 labels, garbage in masked rows, strided views
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_ignored_labels_and_nan_in_masked_rows(impl, ratio_level):
+    hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(37, 24, 101, 4, torch.float32)
+    labels[[2, 5, 30]] = -100  # ignored tokens, with mask set
+    mask[[2, 5, 30]] = True
+    masked = (~mask) | (labels == -100)
+    dirty = hidden.clone()
+    dirty[masked] = float("nan")
+    dirty[masked.nonzero()[0]] = float("inf")
+    cfg = LossConfig(ratio_level=ratio_level, kl_beta=0.1, teacher_beta=0.05)
+    loss, stats, dh, dw, db = run(fused(impl), dirty, weight, b, labels, old, adv, seq_ids, mask, ref, teacher, cfg,
+                                  0.9)  # fmt: skip
+    loss_r, stats_r, dh_r, dw_r, db_r = run(R.fused_linear_policy_loss, hidden, weight, b, labels, old, adv, seq_ids,
+                                            mask, ref, teacher, cfg, 0.9)  # fmt: skip
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in stats.values())
+    assert torch.isfinite(dh).all() and torch.isfinite(dw).all() and torch.isfinite(db).all()
+    assert torch.count_nonzero(dh[masked]) == 0  # exact zeros
+    assert loss.item() == pytest.approx(loss_r.item(), rel=1e-5, abs=1e-6)
+    for k in stats:
+        assert stats[k].item() == pytest.approx(stats_r[k].item(), rel=1e-5, abs=1e-6), k
+    for a, r in ((dh, dh_r), (dw, dw_r), (db, db_r)):
+        assert torch.allclose(a, r, atol=1e-5, rtol=1e-4)
+    # the reference gives the same answer on the dirty input (it defines the right answer there too)
+    loss_d, _, dh_d, dw_d, _ = run(R.fused_linear_policy_loss, dirty, weight, b, labels, old, adv, seq_ids, mask,
+                                   ref, teacher, cfg, 0.9)  # fmt: skip
+    assert loss_d.item() == loss_r.item() and torch.isfinite(dh_d).all() and torch.isfinite(dw_d).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_token_logprobs_linear_ignored_labels(impl):
+    hidden, weight, b, labels, *_ = make(37, 24, 101, 4, torch.float32)
+    labels[::5] = -100
+    hidden[::5] = float("nan")
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, en = linear(impl)(h, w, labels, bias=b, return_entropy=True)
+    g1, g2 = torch.randn(37), torch.randn(37)
+    ((lp * g1).sum() + (en * g2).sum()).backward()
+    assert torch.all(lp[::5] == 0) and torch.all(en[::5] == 0)
+    assert torch.count_nonzero(h.grad[::5]) == 0 and torch.isfinite(w.grad).all()
+    clean = hidden.clone()
+    clean[::5] = 0.0
+    h2, w2 = clean.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp2, en2 = R.token_logprobs_linear(h2, w2, labels, bias=b, return_entropy=True)
+    ((lp2 * g1).sum() + (en2 * g2).sum()).backward()
+    assert torch.allclose(lp, lp2, atol=1e-5) and torch.allclose(en, en2, atol=1e-5)
+    assert torch.allclose(h.grad, h2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_value_checks_off_out_of_range_labels_are_masked(impl):
+    hidden, weight, b, labels, *_ = make(20, 16, 50, 2, torch.float32)
+    labels[3], labels[4] = 50, -7
+    ops.set_value_checks(False)
+    try:
+        lp = linear(impl)(hidden, weight, labels)
+    finally:
+        ops.set_value_checks(True)
+    assert lp[3] == 0 and lp[4] == 0 and torch.isfinite(lp).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_inputs(impl):
+    """hidden with a column stride, weight a transposed view, labels[::2], bias[::2]: same answer as contiguous."""
+    T, H, V = 23, 20, 77
+    hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(T, H, V, 3, torch.float32)
+    h_wide = torch.zeros(T, 2 * H)
+    h_wide[:, ::2] = hidden
+    w_t = weight.t().contiguous()  # (H, V): weight = w_t.t() has strides (1, V)
+    b_wide = torch.zeros(2 * V)
+    b_wide[::2] = b
+    l_wide = torch.zeros(2 * T, dtype=torch.long)
+    l_wide[::2] = labels
+    cfg = LossConfig(kl_beta=0.1)
+
+    def go(h_leaf, w_leaf, b_leaf, view):
+        h_leaf, w_leaf, b_leaf = (t.clone().requires_grad_() for t in (h_leaf, w_leaf, b_leaf))
+        h, w, bb, lab = view(h_leaf, w_leaf, b_leaf)
+        loss, _ = fused(impl)(h, w, lab, old, adv, seq_ids, mask, bias=bb, ref_logp=ref, cfg=cfg)
+        loss.backward()
+        return loss.detach(), h_leaf.grad, w_leaf.grad, b_leaf.grad
+
+    strided = go(h_wide, w_t, b_wide, lambda h, w, bb: (h[:, ::2], w.t(), bb[::2], l_wide[::2]))
+    plain = go(hidden, weight, b, lambda h, w, bb: (h, w, bb, labels))
+    assert strided[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
+    assert torch.allclose(strided[1][:, ::2], plain[1], atol=1e-6) and torch.count_nonzero(strided[1][:, 1::2]) == 0
+    assert torch.allclose(strided[2].t(), plain[2], atol=1e-6)
+    assert torch.allclose(strided[3][::2], plain[3], atol=1e-6) and torch.count_nonzero(strided[3][1::2]) == 0
+
+
+def test_fp32_means_ieee_in_tiled_dots():
+    from csrc_triton import linear_logprob
+
+    cpu = torch.device("cpu")
+    cuda = torch.device("cuda")
+    for kind in ("fwd", "dh", "dw"):
+        assert linear_logprob._blocks(cuda, torch.float32, False, kind)["PRECISION"] == "ieee"
+        assert linear_logprob._blocks(cuda, torch.float32, True, kind)["PRECISION"] == "tf32"
+        assert linear_logprob._blocks(cpu, torch.float32, False, kind)["PRECISION"] == "ieee"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the step normaliser (issue 10 item 5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("loss_agg", R.LOSS_AGGS)
+def test_micro_batches_sum_to_the_step_loss(impl, loss_agg):
+    """With the step's LossNorm, micro-batch losses sum to the whole batch's loss and their gradients are its
+    gradients, for every loss_agg (sequences are never split across micro-batches)."""
+    T, H, V, S = 40, 16, 61, 6
+    hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(T, H, V, S, torch.float32)
+    cfg = LossConfig(loss_agg=loss_agg, kl_beta=0.1, ratio_level="sequence" if loss_agg.endswith("mean") else "token")
+    whole = run(fused(impl), hidden, weight, b, labels, old, adv, seq_ids, mask, ref, None, cfg, 1.0)
+    cut = int((seq_ids < 3).sum())  # micro-batch 1: sequences 0-2, micro-batch 2: sequences 3-5
+    parts = [slice(0, cut), slice(cut, T)]
+    local = [seq_ids[parts[0]], seq_ids[parts[1]] - 3]
+    norm = ops.LossNorm.from_batches([(local[0], mask[parts[0]]), (local[1], mask[parts[1]])])
+    h, w, bb = (t.clone().requires_grad_() for t in (hidden, weight, b))
+    total = 0.0
+    for sl, sid, advs in zip(parts, local, (adv[:3], adv[3:])):
+        loss, _ = fused(impl)(h[sl], w, labels[sl], old[sl], advs, sid, mask[sl], bias=bb, ref_logp=ref[sl],
+                              cfg=cfg, norm=norm)  # fmt: skip
+        (loss * 1.3).backward()
+        total += loss.item()
+    assert total == pytest.approx(whole[0].item(), rel=1e-5, abs=1e-7)
+    for got, want in ((h.grad, whole[2]), (w.grad, whole[3]), (bb.grad, whole[4])):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU readiness without a GPU: compile for sm_80 / sm_90 and read ptxas' register and spill report
+
+
+@pytest.mark.slow
+def test_linear_kernels_compile_without_spills():
+    """benches/linear_kernel_regs.py compiles every linear-path kernel at its CUDA launch constants for sm_80 and
+    sm_90 (in a subprocess: the compiler needs the real JIT functions, not the interpreter's) and fails on a spill,
+    shared memory over the limit, or a half-precision tl.dot that is not a tensor-core mma. ~1-2 min on 2 cores."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    rep = subprocess.run([sys.executable, str(root / "benches" / "linear_kernel_regs.py")], capture_output=True,
+                         text=True, env=env, cwd=root, timeout=900)  # fmt: skip
+    print(rep.stdout)
+    assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_loss_under_no_grad(impl):
+    """Evaluation under no_grad: the same loss and stats, no gradient work needed."""
+    hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(37, 24, 101, 4, torch.float32)
+    cfg = LossConfig(kl_beta=0.1)
+    with torch.no_grad():
+        loss, stats = fused(impl)(hidden, weight, labels, old, adv, seq_ids, mask, bias=b, ref_logp=ref, cfg=cfg)
+    want, want_stats = R.fused_linear_policy_loss(hidden, weight, labels, old, adv, seq_ids, mask, bias=b,
+                                                  ref_logp=ref, cfg=cfg)  # fmt: skip
+    assert not loss.requires_grad
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    assert stats["entropy"].item() == pytest.approx(want_stats["entropy"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_inputs_property(seed):
+    """Random shapes, chunk sizes, dtypes, temperatures, loss configs, masks, -100 labels, NaN in masked rows and
+    strided hidden: every output and gradient of both impls against the reference on the clean input."""
+    rng = torch.Generator().manual_seed(1000 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    T, H, V, S = pick([5, 23, 41]), pick([8, 17, 33]), pick([31, 77, 130]), pick([1, 3, 6])
+    dtype = pick([torch.float32, torch.bfloat16])
+    cfg = LossConfig(
+        loss_type=pick(["ppo", "cispo"]),
+        ratio_level=pick(["token", "sequence"]),
+        loss_agg=pick(list(R.LOSS_AGGS)),
+        kl_estimator=pick(list(R.KL_ESTIMATORS)),
+        kl_beta=pick([0.0, 0.1]),
+        teacher_beta=pick([0.0, 0.2]),
+        dual_clip_c=pick([None, 2.5]),
+    )
+    temperature = pick([0.7, 1.0, 1.3])
+    hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(T, H, V, S, dtype, bias=pick([True, False]))
+    labels[torch.rand(T, generator=rng) < 0.15] = -100
+    on_policy = pick([True, False])
+    masked = (~mask) | (labels == -100)
+    dirty = torch.zeros(T, 2 * H, dtype=dtype)
+    dirty[:, ::2] = hidden
+    dirty[masked, ::2] = float("nan")
+    want = run(R.fused_linear_policy_loss, hidden, weight, b, labels, None if on_policy else old, adv, seq_ids, mask,
+               ref, teacher, cfg, temperature, upcast=True)  # fmt: skip
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for impl in IMPLS:
+        chunk = pick([1, 7, 64])
+        got = run(fused(impl, chunk), dirty[:, ::2], weight, b, labels, None if on_policy else old, adv, seq_ids, mask,
+                  ref, teacher, cfg, temperature)  # fmt: skip
+        assert got[0].item() == pytest.approx(want[0].item(), rel=tol, abs=tol), (impl, cfg)
+        for k in want[1]:
+            assert got[1][k].item() == pytest.approx(want[1][k].item(), rel=tol, abs=tol), (impl, k, cfg)
+        for name, g, w in zip(("dh", "dw", "db"), got[2:], want[2:]):
+            if w is None:
+                continue
+            assert torch.isfinite(g).all(), (impl, name)
+            err = (g.float() - w.float()).abs().max().item()
+            assert err <= tol * (1 + w.abs().max().item()), (impl, name, err, cfg)
+        assert torch.count_nonzero(got[2][masked]) == 0, impl

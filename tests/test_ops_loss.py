@@ -180,3 +180,82 @@ def test_policy_loss_large_on_gpu():
     check_against_reference(
         batch, LossConfig(ratio_level="sequence", kl_beta=0.1, loss_agg="seq-mean-token-mean"), tol=1e-4
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# on-policy (old_logp=None), the step normaliser, the loss spec
+
+
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["ppo", "cispo"])
+def test_on_policy_old_logp_none(ratio_level, loss_type):
+    logp, old, adv, seq_ids, mask, ref, teacher = make_tokens(45, 5)
+    cfg = LossConfig(loss_type=loss_type, ratio_level=ratio_level, kl_beta=0.1, teacher_beta=0.05)
+    check_against_reference((logp, None, adv, seq_ids, mask, ref, teacher), cfg)
+    # the same as passing the detached logp itself
+    loss, stats, grad = loss_and_grad(ops.policy_loss, logp, logp.detach().clone(), adv, seq_ids, mask, ref, teacher,
+                                      cfg)  # fmt: skip
+    loss_n, stats_n, grad_n = loss_and_grad(ops.policy_loss, logp, None, adv, seq_ids, mask, ref, teacher, cfg)
+    assert torch.equal(loss, loss_n) and torch.equal(grad, grad_n) and stats_n["ratio_max"].item() == 1.0
+
+
+@pytest.mark.parametrize("backend", ["ops", "reference"])
+@pytest.mark.parametrize("loss_agg", R.LOSS_AGGS)
+@pytest.mark.parametrize("max_len", [None, 13])
+def test_micro_batches_sum_to_the_step_loss(backend, loss_agg, max_len):
+    """With LossNorm.from_batches, the micro-batch losses of a step add up to the whole batch's loss and their
+    gradients are its gradients, for every loss_agg, however the sequences are grouped into micro-batches."""
+    fn = ops.policy_loss if backend == "ops" else R.policy_loss
+    T, S = 80, 9
+    logp, old, adv, seq_ids, mask, ref, teacher = make_tokens(T, S, sorted_ids=True)
+    cfg = LossConfig(loss_agg=loss_agg, kl_beta=0.1, ratio_level="sequence", max_len=max_len)
+    whole = loss_and_grad(fn, logp, old, adv, seq_ids, mask, ref, teacher, cfg)
+    for groups in ([[0, 1, 2, 3], [4, 5, 6, 7, 8]], [[0, 8], [1, 2, 3, 4, 5, 6], [7]]):
+        parts = []
+        for g in groups:  # micro-batch: the tokens of these sequences, with local sequence ids
+            sel = torch.isin(seq_ids, torch.tensor(g))
+            local = torch.searchsorted(torch.tensor(g), seq_ids[sel])
+            parts.append((sel, local, adv[g]))
+        norm = ops.LossNorm.from_batches([(local, mask[sel]) for sel, local, _ in parts])
+        assert norm.num_tokens == mask.sum().item()
+        total, grad = 0.0, torch.zeros(T)
+        for sel, local, a in parts:
+            x = logp[sel].clone().requires_grad_()
+            ln, _ = fn(x, old[sel], a, local, mask[sel], ref_logp=ref[sel], teacher_logp=teacher[sel], cfg=cfg,
+                       norm=norm)  # fmt: skip
+            upstream = 0.1 + torch.rand((), generator=torch.Generator().manual_seed(7)).item()
+            (ln * upstream).backward()
+            total += ln.item()
+            grad[sel] = x.grad
+        assert total == pytest.approx(whole[0].item(), rel=1e-5, abs=1e-7), groups
+        assert torch.allclose(grad, whole[2], atol=1e-7, rtol=1e-5), groups
+
+
+def test_loss_norm_validation():
+    with pytest.raises(ValueError, match="LossNorm.num_tokens"):
+        ops.LossNorm(float("nan"), 1.0, 1.0)
+    with pytest.raises(ValueError, match="LossNorm.max_len"):
+        ops.LossNorm(1.0, 1.0, -2.0)
+    assert ops.LossNorm.from_batches([]) == ops.LossNorm(0.0, 0.0, 0.0)
+
+
+def test_loss_spec_is_the_one_definition():
+    import ast
+    import pathlib
+
+    from csrc_triton import loss_head
+    from exgrpo_fast import loss_spec
+
+    assert ops.LossConfig is R.LossConfig is loss_spec.LossConfig and ops.LossNorm is loss_spec.LossNorm
+    assert loss_head.ROWS[0] == "loss" and set(loss_head.ROWS[1:]) == set(R.STAT_NAMES)
+    assert set(loss_head.HeadParams._fields) == set(loss_spec.kernel_args(LossConfig()))
+    assert [loss_spec.KL_CODES[k] for k in loss_spec.KL_ESTIMATORS] == [0, 1, 2, 3]
+    assert [loss_spec.AGG_CODES[k] for k in loss_spec.LOSS_AGGS] == [0, 1, 2, 3]
+    # kernels import nothing from exgrpo_fast
+    for path in pathlib.Path(loss_head.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n.startswith("exgrpo_fast") for n in names), (path.name, names)
+    with pytest.raises(ValueError, match="LossConfig.loss_agg='mean'"):
+        LossConfig(loss_agg="mean")

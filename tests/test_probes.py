@@ -5,20 +5,23 @@ import re
 
 import pytest
 
-from exgrpo_fast.data.probes import (
-    TEMPLATES,
-    consistency,
-    parse_probe,
-    recompute_probe_answer,
-    write_probes_with_teacher,
-)
-from exgrpo_fast.data.tasks import make_problems
+from exgrpo_fast.data.probes import TEMPLATES, consistency, parse_probe, write_probes_with_teacher
+from exgrpo_fast.data.tasks import make_problems, recompute_probe_answer
 
 
 def user_problems(n=4):
-    return [{"id": f"u{i}", "question": f"Ann has {i + 2} pens. She gets 3 more. How many pens does Ann have?",
-             "answer": str(i + 5), "rationale": f"{i + 2}+3={i + 5}.", "probes": [], "split": "train", "meta": ""}
-            for i in range(n)]
+    return [
+        {
+            "id": f"u{i}",
+            "question": f"Ann has {i + 2} pens. She gets 3 more. How many pens does Ann have?",
+            "answer": str(i + 5),
+            "rationale": f"{i + 2}+3={i + 5}.",
+            "probes": [],
+            "split": "train",
+            "meta": "",
+        }
+        for i in range(n)
+    ]
 
 
 class FakeTeacher:
@@ -34,10 +37,16 @@ class FakeTeacher:
         out = []
         for p in prompts:
             if "Correct answer:" in p:  # writing a probe
-                kind = next(k for k, t in TEMPLATES.items() if t.format(question="", answer="", rationale="")
-                            .split("\n\n", 1)[1][:40] in p)
-                out.append("rubbish" if kind in self.garbage else
-                           f"Probe: {kind} check of this problem?\nAnswer: {'yes' if kind == 'verify' else 7}")
+                kind = next(
+                    k
+                    for k, t in TEMPLATES.items()
+                    if t.format(question="", answer="", rationale="").split("\n\n", 1)[1][:40] in p
+                )
+                out.append(
+                    "rubbish"
+                    if kind in self.garbage
+                    else f"Probe: {kind} check of this problem?\nAnswer: {'yes' if kind == 'verify' else 7}"
+                )
             else:  # re-answering a probe
                 kind = re.search(r"Question: (\w+) check", p).group(1)
                 n = self.seen[p] = self.seen.get(p, 0) + 1
@@ -49,7 +58,10 @@ class FakeTeacher:
 
 def test_parse_probe():
     assert parse_probe("Probe: How many at first?\nAnswer: 12.", "inverse") == {
-        "kind": "inverse", "question": "How many at first?", "answer": "12"}
+        "kind": "inverse",
+        "question": "How many at first?",
+        "answer": "12",
+    }
     assert parse_probe("probe: Is 5 right?\nanswer: Yes", "verify")["answer"] == "yes"
     assert parse_probe("Probe: Is 5 right?\nAnswer: maybe", "verify") is None
     assert parse_probe("Answer: 3", "step") is None and parse_probe("", "step") is None
@@ -59,10 +71,21 @@ def test_parse_probe():
 
 def test_self_consistency_filter_and_provenance(tmp_path):
     teacher = FakeTeacher(flaky={"step"}, garbage={"counterfactual"})
-    ds = write_probes_with_teacher(user_problems(), "fake/teacher", k=4, cache_dir=str(tmp_path), seed=0,
-                                   generate_fn=teacher, rounds=1)
-    assert len(ds) == 4 and set(ds.column_names) >= {"id", "question", "answer", "rationale", "probes", "split",
-                                                     "meta", "teacher", "probe_template", "probe_consistency"}
+    ds = write_probes_with_teacher(
+        user_problems(), "fake/teacher", k=4, cache_dir=str(tmp_path), seed=0, generate_fn=teacher, rounds=1
+    )
+    assert len(ds) == 4 and set(ds.column_names) >= {
+        "id",
+        "question",
+        "answer",
+        "rationale",
+        "probes",
+        "split",
+        "meta",
+        "teacher",
+        "probe_template",
+        "probe_consistency",
+    }
     for row in ds:
         kinds = [p["kind"] for p in row["probes"]]
         # k=4 draws every checkable kind once: step (inconsistent) and counterfactual (unparseable) are dropped
@@ -71,8 +94,16 @@ def test_self_consistency_filter_and_provenance(tmp_path):
         assert row["teacher"] == "fake/teacher" and row["probe_candidates"] == 4
         assert {p["answer"] for p in row["probes"]} == {"7", "yes"}
     # a lower threshold keeps the half-consistent step probes
-    ds = write_probes_with_teacher(user_problems(), "fake/teacher", k=4, cache_dir=str(tmp_path), seed=0,
-                                   generate_fn=FakeTeacher(flaky={"step"}), rounds=1, min_consistency=0.5)
+    ds = write_probes_with_teacher(
+        user_problems(),
+        "fake/teacher",
+        k=4,
+        cache_dir=str(tmp_path),
+        seed=0,
+        generate_fn=FakeTeacher(flaky={"step"}),
+        rounds=1,
+        min_consistency=0.5,
+    )
     assert all(0.5 in row["probe_consistency"] for row in ds)
 
 
@@ -99,10 +130,11 @@ def test_cache_is_reused_and_keyed(tmp_path):
 def test_problems_with_probes_pass_through(tmp_path):
     built = make_problems("train", 2, seed=0)
     t = FakeTeacher()
-    ds = write_probes_with_teacher(built + user_problems(1), "fake/teacher", k=2, cache_dir=str(tmp_path),
-                                   generate_fn=t)
+    ds = write_probes_with_teacher(
+        built + user_problems(1), "fake/teacher", k=2, cache_dir=str(tmp_path), generate_fn=t
+    )
     rows = ds.to_list()
-    assert [r["probes"] for r in rows[:2]] == [p["probes"] for p in built] and rows[0]["teacher"] == ""
+    assert [r["probes"] for r in rows[:2]] == [p.to_dict()["probes"] for p in built] and rows[0]["teacher"] == ""
     assert len(rows[2]["probes"]) == 2 and t.calls > 0
     for r in rows[:2]:  # symbolic answers still recompute from meta after the round trip
         meta = json.loads(r["meta"])
@@ -111,8 +143,9 @@ def test_problems_with_probes_pass_through(tmp_path):
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="kinds"):
-        write_probes_with_teacher(user_problems(), "t", cache_dir=str(tmp_path), generate_fn=FakeTeacher(),
-                                  kinds=("nope",))
+        write_probes_with_teacher(
+            user_problems(), "t", cache_dir=str(tmp_path), generate_fn=FakeTeacher(), kinds=("nope",)
+        )
     with pytest.raises(ValueError, match="completions"):
         write_probes_with_teacher(user_problems(), "t", cache_dir=str(tmp_path), generate_fn=lambda ps: ["x"])
 
@@ -154,8 +187,9 @@ def test_changed_teacher_checkpoint_misses_the_cache(tmp_path):
 
 def test_rounds_refill_and_duplicates(tmp_path):
     """k above the number of kinds: kinds repeat, but a probe the teacher writes twice is kept once."""
-    ds = write_probes_with_teacher(user_problems(1), "fake", k=6, cache_dir=str(tmp_path), generate_fn=FakeTeacher(),
-                                   rounds=3)
+    ds = write_probes_with_teacher(
+        user_problems(1), "fake", k=6, cache_dir=str(tmp_path), generate_fn=FakeTeacher(), rounds=3
+    )
     qs = [p["question"] for p in ds[0]["probes"]]
     assert len(qs) == len(set(qs)) == 4
     with pytest.raises(ValueError, match="no problems"):

@@ -17,8 +17,12 @@ def naive_policy_loss(logp, old, adv, seq_ids, mask, ref, teacher, cfg):
     seq_lr = {s: (sum(logp[t] - old[t] for t in ts) / len(ts) if ts else 0.0) for s, ts in seqs.items()}
 
     def est(d):
-        return {"k1": d, "k2": d * d / 2, "k3": math.exp(-max(-20, min(20, d))) + max(-20, min(20, d)) - 1,
-                "abs": abs(d)}[cfg.kl_estimator]
+        return {
+            "k1": d,
+            "k2": d * d / 2,
+            "k3": math.exp(-max(-20, min(20, d))) + max(-20, min(20, d)) - 1,
+            "abs": abs(d),
+        }[cfg.kl_estimator]
 
     per_seq_sum, per_seq_cnt = {}, {}
     for s, ts in seqs.items():
@@ -75,8 +79,9 @@ def test_policy_loss_matches_naive_loops(cfg):
     ref, teacher = old - 0.2 * torch.randn(T), old + 0.3 * torch.randn(T)
     adv = torch.randn(S)
     loss, stats = R.policy_loss(logp, old, adv, seq_ids, mask, ref_logp=ref, teacher_logp=teacher, cfg=cfg)
-    want = naive_policy_loss(logp.tolist(), old.tolist(), adv.tolist(), seq_ids.tolist(), mask.tolist(),
-                             ref.tolist(), teacher.tolist(), cfg)
+    want = naive_policy_loss(
+        logp.tolist(), old.tolist(), adv.tolist(), seq_ids.tolist(), mask.tolist(), ref.tolist(), teacher.tolist(), cfg
+    )
     assert loss.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert set(stats) == set(R.STAT_NAMES)
     assert 0.0 <= stats["clip_frac_low"].item() <= 1.0 and 0.0 <= stats["clip_frac_high"].item() <= 1.0
@@ -108,8 +113,13 @@ def test_policy_loss_gradient_matches_finite_differences():
 
 def test_all_masked_gives_zero_loss_and_grad():
     logp = torch.randn(6, requires_grad=True)
-    loss, stats = R.policy_loss(logp, torch.full((6,), -float("inf")), torch.ones(2), torch.tensor([0, 0, 0, 1, 1, 1]),
-                                torch.zeros(6, dtype=torch.bool))
+    loss, stats = R.policy_loss(
+        logp,
+        torch.full((6,), -float("inf")),
+        torch.ones(2),
+        torch.tensor([0, 0, 0, 1, 1, 1]),
+        torch.zeros(6, dtype=torch.bool),
+    )
     loss.backward()
     assert loss.item() == 0.0 and torch.all(logp.grad == 0)
     assert all(torch.isfinite(v) for v in stats.values())
@@ -130,8 +140,14 @@ def test_group_advantages_by_hand():
     g = torch.tensor([0, 0, 0, 1, 2, 2])
     adv = R.group_advantages(r, g, eps=0.0)
     std0 = math.sqrt(((1 / 3) ** 2 * 2 + (2 / 3) ** 2) / 2)
-    want = [(1 - 2 / 3) / std0, (0 - 2 / 3) / std0, (1 - 2 / 3) / std0, 0.0,
-            -1.5 / math.sqrt(4.5), 1.5 / math.sqrt(4.5)]
+    want = [
+        (1 - 2 / 3) / std0,
+        (0 - 2 / 3) / std0,
+        (1 - 2 / 3) / std0,
+        0.0,
+        -1.5 / math.sqrt(4.5),
+        1.5 / math.sqrt(4.5),
+    ]
     assert adv.tolist() == pytest.approx(want, rel=1e-6)
     assert R.group_advantages(r, g, scale="none").tolist() == pytest.approx([1 / 3, -2 / 3, 1 / 3, 0, -1.5, 1.5])
     batch_std = torch.std(r).item()
@@ -152,11 +168,79 @@ def test_group_advantages_nan():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"loss_type": "grpo"}, "loss_type"), ({"ratio_level": "tok"}, "ratio_level"), ({"clip_low": 1.0}, "clip_low"),
-     ({"clip_high": -0.1}, "clip_high"), ({"dual_clip_c": 1.0}, "dual_clip_c"), ({"delta": 1.1}, "delta"),
-     ({"kl_estimator": "k4"}, "kl_estimator"), ({"kl_beta": -1.0}, "kl_beta"), ({"loss_agg": "sum"}, "loss_agg"),
-     ({"max_len": 0}, "max_len"), ({"clip_low": float("nan")}, "clip_low")],
+    [
+        ({"loss_type": "grpo"}, "loss_type"),
+        ({"ratio_level": "tok"}, "ratio_level"),
+        ({"clip_low": 1.0}, "clip_low"),
+        ({"clip_high": -0.1}, "clip_high"),
+        ({"dual_clip_c": 1.0}, "dual_clip_c"),
+        ({"delta": 1.1}, "delta"),
+        ({"kl_estimator": "k4"}, "kl_estimator"),
+        ({"kl_beta": -1.0}, "kl_beta"),
+        ({"loss_agg": "sum"}, "loss_agg"),
+        ({"max_len": 0}, "max_len"),
+        ({"clip_low": float("nan")}, "clip_low"),
+    ],
 )
 def test_loss_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
         LossConfig(**kwargs)
+
+
+def naive_entropy_and_logp(row, label, temperature):
+    """Python-scalar (float64) log-prob and entropy of one row, skipping -inf entries (0 * log 0 = 0)."""
+    xs = [x / temperature for x in row]
+    m = max(xs)
+    lse = m + math.log(sum(math.exp(x - m) for x in xs if x != -math.inf))
+    ent = -sum(math.exp(x - lse) * (x - lse) for x in xs if x != -math.inf)
+    return xs[label] - lse, ent
+
+
+def test_vocab_masked_entropy_is_finite_with_exact_gradient():
+    T, V = 4, 9
+    logits = torch.randn(T, V, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 8, 5])
+    banned = torch.zeros(T, V, dtype=torch.bool)
+    banned[:, 1] = True
+    banned[2, 2:7] = True
+    logits = logits.masked_fill(banned, -math.inf)
+    x = logits.clone().requires_grad_()
+    logp, ent = R.token_logprobs(x, labels, temperature=0.8, return_entropy=True)
+    for t in range(T):
+        want_lp, want_ent = naive_entropy_and_logp(logits[t].tolist(), int(labels[t]), 0.8)
+        assert logp[t].item() == pytest.approx(want_lp, abs=1e-6)
+        assert ent[t].item() == pytest.approx(want_ent, abs=1e-6)
+    (logp.sum() + ent.sum()).backward()
+    assert torch.isfinite(x.grad).all() and torch.count_nonzero(x.grad[banned]) == 0
+    # the gradient on the finite entries equals the one of the same problem without the banned columns
+    keep = ~banned[0]
+    y = logits[0, keep].clone().requires_grad_()
+    lp0, e0 = R.token_logprobs(y[None], torch.tensor([0]), temperature=0.8, return_entropy=True)
+    (lp0.sum() + e0.sum()).backward()
+    torch.testing.assert_close(x.grad[0, keep], y.grad)
+
+
+def test_ignore_index_and_nan_rows_never_reach_the_gradient():
+    logits = torch.randn(5, 7)
+    labels = torch.tensor([1, -100, 2, -100, 6])
+    logits[1] = float("nan")
+    logits[3, 2] = float("inf")
+    x = logits.clone().requires_grad_()
+    logp, ent = R.token_logprobs(x, labels, return_entropy=True)
+    assert logp[1] == 0 and logp[3] == 0 and ent[1] == 0 and ent[3] == 0
+    (logp.sum() + ent.sum()).backward()
+    assert torch.isfinite(x.grad).all() and torch.count_nonzero(x.grad[[1, 3]]) == 0
+    # fused: mask 0 rows are dead too, NaN in them and in old_logp changes nothing
+    old, adv = torch.randn(5), torch.randn(2)
+    seq_ids, mask = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([True, True, False, True, True])
+    poisoned = logits.clone()
+    poisoned[2] = float("nan")
+    old_p = old.clone()
+    old_p[[1, 2, 3]] = float("nan")
+    a = R.fused_policy_loss(poisoned.requires_grad_(), labels, old_p, adv, seq_ids, mask)
+    clean = logits.clone()
+    clean[[1, 2, 3]] = 0.0
+    b = R.fused_policy_loss(clean, labels, old, adv, seq_ids, mask & (labels != -100))
+    assert a[0].item() == pytest.approx(b[0].item(), abs=1e-7)
+    a[0].backward()
+    assert torch.isfinite(poisoned.grad).all() and torch.count_nonzero(poisoned.grad[[1, 2, 3]]) == 0

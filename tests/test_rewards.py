@@ -17,13 +17,32 @@ PROBLEM = {
 
 @pytest.mark.parametrize(
     "text, want",
-    [("3+4=7. 7-2=5. Answer: 5", "5"), ("Answer: 5.", "5"), ("the answer is 12", "12"), ("blah #### 1,000", "1,000"),
-     ("3+4=7 so 7", "7"), ("Answer: no", "no"), ("I think yes", "yes"), ("", None), ("no digits here", "no"),
-     ("nothing", None), ("Answer: 3\nAnswer: 4", "4"), ("I answered 3", "3"),
-     ("Answer: 5. Because 3+2=5.", "5"), ("Answer: 1.5", "1.5"), ("Answer: Yes, it is right.", "yes"),
-     ("Answer: **42**", "42"), ("so \\boxed{17}.", "17"), ("it is 7-2", "2"), ("Answer: 3<|im_end|>", "3"),
-     ("Answer: 7. So the answer is clear", "7"), ("Answer:\nthen 9", "9"), ("1,000, then 2,500,", "2,500"),
-     ("-4 degrees", "-4"), ("the answer is Paris.", "Paris")],
+    [
+        ("3+4=7. 7-2=5. Answer: 5", "5"),
+        ("Answer: 5.", "5"),
+        ("the answer is 12", "12"),
+        ("blah #### 1,000", "1,000"),
+        ("3+4=7 so 7", "7"),
+        ("Answer: no", "no"),
+        ("I think yes", "yes"),
+        ("", None),
+        ("no digits here", "no"),
+        ("nothing", None),
+        ("Answer: 3\nAnswer: 4", "4"),
+        ("I answered 3", "3"),
+        ("Answer: 5. Because 3+2=5.", "5"),
+        ("Answer: 1.5", "1.5"),
+        ("Answer: Yes, it is right.", "yes"),
+        ("Answer: **42**", "42"),
+        ("so \\boxed{17}.", "17"),
+        ("it is 7-2", "2"),
+        ("Answer: 3<|im_end|>", "3"),
+        ("Answer: 7. So the answer is clear", "7"),
+        ("Answer:\nthen 9", "9"),
+        ("1,000, then 2,500,", "2,500"),
+        ("-4 degrees", "-4"),
+        ("the answer is Paris.", "Paris"),
+    ],
 )
 def test_extract_answer(text, want):
     assert extract_answer(text) == want
@@ -31,9 +50,20 @@ def test_extract_answer(text, want):
 
 @pytest.mark.parametrize(
     "pred, gold, ok",
-    [("5", "5", True), ("5.0", "5", True), ("1,000", "1000", True), ("1/2", "0.5", True), ("$12", "12", True),
-     ("5 apples", "5", True), ("6", "5", False), ("Yes", "yes", True), ("no", "yes", False), (None, "5", False),
-     ("-3", "-3", True), ("five", "5", False)],
+    [
+        ("5", "5", True),
+        ("5.0", "5", True),
+        ("1,000", "1000", True),
+        ("1/2", "0.5", True),
+        ("$12", "12", True),
+        ("5 apples", "5", True),
+        ("6", "5", False),
+        ("Yes", "yes", True),
+        ("no", "yes", False),
+        (None, "5", False),
+        ("-3", "-3", True),
+        ("five", "5", False),
+    ],
 )
 def test_answers_match(pred, gold, ok):
     assert answers_match(pred, gold) is ok
@@ -41,16 +71,26 @@ def test_answers_match(pred, gold, ok):
 
 def test_all_right_pays_full_dsu():
     r = score_dialogue(PROBLEM, ["3+4=7. 7-2=5. Answer: 5", "Answer: 7", "Answer: no"])
-    assert r == {"total": 2.0, "task": 1.0, "probe": 1.0, "dsu": 1.0, "format": 1.0, "probe_step": 1.0,
-                 "probe_verify": 1.0}
+    assert r == {
+        "total": 2.0,
+        "task": 1.0,
+        "probe": 1.0,
+        "dsu": 1.0,
+        "format": 1.0,
+        "probe_step": 1.0,
+        "probe_verify": 1.0,
+    }
 
 
 def test_partial_probes_scale_dsu():
     r = score_dialogue(PROBLEM, ["Answer: 5", "Answer: 8", "Answer: no"])
     assert (r["task"], r["probe"], r["dsu"]) == (1.0, 0.5, 0.5)
     assert r["total"] == pytest.approx(1.0 + 0.5 * 0.5 + 0.5 * 0.5)
-    assert RewardConfig(dsu_mode="all") and score_dialogue(PROBLEM, ["Answer: 5", "Answer: 8", "Answer: no"],
-                                                           RewardConfig(dsu_mode="all"))["dsu"] == 0.0
+    assert (
+        RewardConfig(dsu_mode="all")
+        and score_dialogue(PROBLEM, ["Answer: 5", "Answer: 8", "Answer: no"], RewardConfig(dsu_mode="all"))["dsu"]
+        == 0.0
+    )
 
 
 def test_no_dsu_when_the_answer_is_wrong():
@@ -74,10 +114,16 @@ def test_problem_without_probes():
     assert (r["task"], r["probe"], r["dsu"], r["total"]) == (1.0, 0.0, 0.0, 1.0)
 
 
-@pytest.mark.parametrize("kwargs, field", [({"task_weight": -1}, "task_weight"), ({"dsu_mode": "max"}, "dsu_mode"),
-                                           ({"probe_weight": float("nan")}, "probe_weight"),
-                                           ({"format_weight": float("inf")}, "format_weight"),
-                                           ({"dsu_weight": "1"}, "dsu_weight")])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"task_weight": -1}, "task_weight"),
+        ({"dsu_mode": "max"}, "dsu_mode"),
+        ({"probe_weight": float("nan")}, "probe_weight"),
+        ({"format_weight": float("inf")}, "format_weight"),
+        ({"dsu_weight": "1"}, "dsu_weight"),
+    ],
+)
 def test_reward_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
         RewardConfig(**kwargs)
@@ -95,9 +141,9 @@ def test_teacher_dialogues_score_full_marks(split):
         replies = [by_question[q] for q in rollout_user_turns(p)]
         r = score_dialogue(p, replies)
         assert (r["task"], r["probe"], r["dsu"], r["format"]) == (1.0, 1.0, 1.0, 1.0), (p, replies)
-        assert all(r[f"probe_{q['kind']}"] == 1.0 for q in p["probes"] if q["kind"] != "explain")
+        assert all(r[f"probe_{q.kind}"] == 1.0 for q in p.probes if q.kind != "explain")
         assert "probe_explain" not in r
-        wrong = score_dialogue(p, [f"Answer: {int(p['answer']) + 1}"] + replies[1:])
+        wrong = score_dialogue(p, [f"Answer: {int(p.answer) + 1}"] + replies[1:])
         assert (wrong["task"], wrong["dsu"]) == (0.0, 0.0)
 
 

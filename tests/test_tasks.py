@@ -4,10 +4,12 @@ import json
 
 import pytest
 
+from exgrpo_fast.data.problem import Dialogue, Probe, Problem
 from exgrpo_fast.data.tasks import (
     PROBE_KINDS,
     ArithConfig,
     builtin_dataset,
+    builtin_splits,
     checkable_probes,
     make_problems,
     recompute_probe_answer,
@@ -20,24 +22,25 @@ from exgrpo_fast.data.tasks import (
 @pytest.mark.parametrize("split", ["train", "test_id", "test_ood"])
 def test_every_answer_recomputes_from_meta(split):
     for p in make_problems(split, 200, seed=3):
-        meta = json.loads(p["meta"])
+        assert isinstance(p, Problem) and all(isinstance(q, Probe) for q in p.probes)
+        meta = json.loads(p.meta)
         values = run_chain(meta["start"], meta["ops"])
-        assert p["answer"] == str(values[-1]) and all(v >= 0 for v in values)
+        assert p.answer == str(values[-1]) and all(v >= 0 for v in values)
         # the rationale's equations are true arithmetic
-        for eq in p["rationale"].rstrip(".").split(". "):
+        for eq in p.rationale.rstrip(".").split(". "):
             lhs, rhs = eq.split("=")
             assert eval(lhs) == int(rhs), eq  # noqa: S307 - digits and +/- only
-        assert len(p["probes"]) == len(meta["probes"])
-        for i, probe in enumerate(p["probes"]):
-            assert probe["kind"] in PROBE_KINDS
-            assert probe["answer"] == recompute_probe_answer(meta, i), (p["question"], probe)
+        assert len(p.probes) == len(meta["probes"])
+        for i, probe in enumerate(p.probes):
+            assert probe.kind in PROBE_KINDS
+            assert probe.answer == recompute_probe_answer(meta, i), (p.question, probe)
 
 
 def test_all_kinds_occur_and_verify_has_both_answers():
     problems = make_problems("train", 300, seed=0)
-    kinds = [q["kind"] for p in problems for q in p["probes"]]
+    kinds = [q.kind for p in problems for q in p.probes]
     assert set(kinds) == set(PROBE_KINDS)
-    verify = {q["answer"] for p in problems for q in p["probes"] if q["kind"] == "verify"}
+    verify = {q.answer for p in problems for q in p.probes if q.kind == "verify"}
     assert verify == {"yes", "no"}
 
 
@@ -47,12 +50,12 @@ def test_deterministic_under_seed():
 
 
 def test_splits_disjoint_and_ood_harder():
-    key = lambda p: json.dumps({k: v for k, v in json.loads(p["meta"]).items() if k != "probes"})  # noqa: E731
+    key = lambda p: json.dumps({k: v for k, v in json.loads(p.meta).items() if k != "probes"})  # noqa: E731
     train = {key(p) for p in make_problems("train", 2000, seed=0)}
     test_id = [key(p) for p in make_problems("test_id", 200, seed=0)]
     assert not train & set(test_id)
-    ood = [json.loads(p["meta"]) for p in make_problems("test_ood", 200, seed=0)]
-    idd = [json.loads(p["meta"]) for p in make_problems("test_id", 200, seed=0)]
+    ood = [json.loads(p.meta) for p in make_problems("test_ood", 200, seed=0)]
+    idd = [json.loads(p.meta) for p in make_problems("test_id", 200, seed=0)]
     assert min(len(m["ops"]) for m in ood) > max(len(m["ops"]) for m in idd)
     assert max(max(n for _, n in m["ops"]) for m in ood) > ArithConfig().id_max_operand
 
@@ -60,19 +63,34 @@ def test_splits_disjoint_and_ood_harder():
 def test_dialogues():
     p = make_problems("train", 1, seed=0)[0]
     turns = sft_dialogue(p)
-    assert [t["role"] for t in turns] == ["user", "assistant"] * (1 + len(p["probes"]))
-    assert turns[1]["content"].endswith(f"Answer: {p['answer']}")
+    assert [t["role"] for t in turns] == ["user", "assistant"] * (1 + len(p.probes))
+    assert turns[1]["content"].endswith(f"Answer: {p.answer}")
     assert turns[-1]["content"].startswith("Because")  # explain is in the SFT dialogue...
     users = rollout_user_turns(p)
-    assert users[0] == p["question"] and len(users) == 1 + len(checkable_probes(p))  # ...not in rollouts
+    assert users[0] == p.question and len(users) == 1 + len(checkable_probes(p))  # ...not in rollouts
     assert "Why?" not in users
-    assert rollout_user_turns(p, include_probes=False) == [p["question"]]
+    assert rollout_user_turns(p, include_probes=False) == [p.question]
+    # rows (dicts from files or a datasets.Dataset) work wherever a Problem does, and round-trip
+    row = p.to_dict()
+    assert Problem.from_dict(row) == p and list(sft_dialogue(row)) == list(turns) and rollout_user_turns(row) == users
 
 
-def test_dataset_dict_and_config_validation():
-    ds = builtin_dataset(20, 5, seed=0)
+def test_problem_types_check_their_fields():
+    with pytest.raises(ValueError, match="probe kind 'guess'"):
+        Probe("guess", "q", "a")
+    with pytest.raises(ValueError, match="probe kind"):
+        Problem.from_dict(
+            {"id": "x", "question": "q", "answer": "1", "probes": [{"kind": "nope", "question": "q", "answer": "1"}]}
+        )
+    assert Dialogue.of(("user", "hi"), ("assistant", "yo"))[1] == {"role": "assistant", "content": "yo"}
+
+
+def test_splits_dataset_dict_and_config_validation():
+    splits = builtin_splits(20, 5, seed=0)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 20, "test_id": 5, "test_ood": 5}
+    ds = builtin_dataset(20, 5, seed=0)  # the same problems as a datasets.DatasetDict (an edge format)
     assert set(ds) == {"train", "test_id", "test_ood"} and len(ds["train"]) == 20 and len(ds["test_ood"]) == 5
-    assert ds["train"][0]["probes"][0]["kind"] in PROBE_KINDS
+    assert [Problem.from_dict(r) for r in ds["test_id"]] == splits["test_id"]
     with pytest.raises(ValueError, match="num_probes"):
         ArithConfig(num_probes=9)
     with pytest.raises(ValueError, match="id_steps"):

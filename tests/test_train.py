@@ -199,3 +199,55 @@ def test_fsdp2_two_processes_gloo(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(summary["final_ckpt"])
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert len(rows(tmp_path / "fsdp", "grpo")) == 2
+
+
+@pytest.fixture(scope="module")
+def policy_and_ref(tmp_path_factory):
+    from exgrpo_fast.model.loading import load_model
+    from exgrpo_fast.model.tiny import create_tiny_checkpoint
+
+    policy, _ = load_model(create_tiny_checkpoint(tmp_path_factory.mktemp("policy") / "p", preset="tiny", seed=7))
+    ref, _ = load_model(TEACHER)
+    return T.PackedPolicy(policy), ref.requires_grad_(False)
+
+
+def _one_update(policy, ref, seqs, advantages, budget, loss_cfg, *, step_norm=True):
+    """Loss and grads of one GRPO update of `seqs` packed under `budget` (on-policy, KL to ref)."""
+    packed = T.pack_sequences(seqs, budget)
+    norm = T.step_loss_norm(packed) if step_norm else None  # None: per-micro-batch counts, what the step norm fixes
+    with torch.no_grad():
+        refs = [T._logp(ref, b, 1.0) for b in packed]
+    none = [None] * len(packed)
+    live = [True] * len(packed)
+    loss, _ = T.policy_loss_backward(policy, packed, advantages, none, refs, none, live, norm, loss_cfg, 1.0)
+    grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad(set_to_none=True)
+    return loss, grads, len(packed)
+
+
+@pytest.mark.parametrize(
+    "loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+)
+def test_step_loss_does_not_depend_on_packing(policy_and_ref, loss_agg):
+    """One GRPO update's loss and gradients are the same (to fp32 round-off) whether the step's sequences share one
+    micro-batch or are spread over several: the normaliser (tokens, sequences, longest masked length) is the
+    step's, computed once on the host."""
+    policy, ref = policy_and_ref
+    g = torch.Generator().manual_seed(0)
+    lengths = [37, 5, 22, 9, 30, 14, 3, 26]
+    seqs = [
+        (torch.randint(3, 60, (n,), generator=g).tolist(), (torch.rand(n, generator=g) < 0.6).tolist()) for n in lengths
+    ]
+    seqs[6] = (seqs[6][0], [False] * 3)  # a sequence without a loss token counts in no normaliser
+    advantages = torch.randn(len(seqs), generator=g)
+    loss_cfg = T.LossConfig(loss_agg=loss_agg, kl_beta=0.1)
+    with T.ops.backend("reference"):
+        whole, grads_whole, n_whole = _one_update(policy, ref, seqs, advantages, 4096, loss_cfg)
+        split, grads_split, n_split = _one_update(policy, ref, seqs, advantages, 40, loss_cfg)
+        naive, _, _ = _one_update(policy, ref, seqs, advantages, 40, loss_cfg, step_norm=False)
+    assert n_whole == 1 and n_split >= 4
+    assert whole.abs() > 1e-3
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-7)
+    for a, b in zip(grads_split, grads_whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert (naive - whole).abs() > 1e-3 * whole.abs()  # per-micro-batch normalisers make the loss packing-dependent

@@ -11,10 +11,16 @@ those tokens exist, else plain `role: content\\n` lines.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
+from transformers import PreTrainedTokenizerBase
+
+from exgrpo_fast.data.problem import Dialogue, Turn
+
 _BUILTIN = ("<|user|>", "<|assistant|>", "<|end|>")
 
 
-def _render(tokenizer, turns: list[dict], add_generation_prompt: bool) -> str:
+def _render(tokenizer: PreTrainedTokenizerBase, turns: list[dict], add_generation_prompt: bool) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
     vocab = tokenizer.get_vocab()
@@ -26,27 +32,33 @@ def _render(tokenizer, turns: list[dict], add_generation_prompt: bool) -> str:
     return text + ("assistant: " if add_generation_prompt else "")
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _check_turns(turns: list[dict]) -> None:
+def _check_turns(turns: Iterable[Turn]) -> list[Turn]:
+    """The turns as a list (a Dialogue or any sequence of {"role", "content"} dicts), checked."""
+    turns = list(turns)
     if not turns:
         raise ValueError("turns is empty")
     for i, t in enumerate(turns):
-        if t.get("role") not in ("user", "assistant", "system") or not isinstance(t.get("content"), str):
+        ok = isinstance(t, Mapping) and t.get("role") in ("user", "assistant", "system")
+        if not ok or not isinstance(t.get("content"), str):
             raise ValueError(f"turn {i} must be {{'role': 'user'|'assistant'|'system', 'content': str}}, got {t!r}")
+    return turns
 
 
-def encode_prompt(tokenizer, turns: list[dict]) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, turns: Dialogue | Iterable[Turn]) -> list[int]:
     """Ids of the dialogue so far followed by the assistant generation prompt (what sampling continues from)."""
-    _check_turns(turns)
+    turns = _check_turns(turns)
     return _ids(tokenizer, _render(tokenizer, turns, add_generation_prompt=True))
 
 
-def encode_dialogue(tokenizer, turns: list[dict]) -> tuple[list[int], list[bool]]:
+def encode_dialogue(
+    tokenizer: PreTrainedTokenizerBase, turns: Dialogue | Iterable[Turn]
+) -> tuple[list[int], list[bool]]:
     """(input_ids, loss_mask) of a whole dialogue; loss_mask is True on assistant-produced tokens only."""
-    _check_turns(turns)
+    turns = _check_turns(turns)
     stops = set(end_of_turn_ids(tokenizer))
     ids: list[int] = []
     mask: list[bool] = []
@@ -63,7 +75,7 @@ def encode_dialogue(tokenizer, turns: list[dict]) -> tuple[list[int], list[bool]
         mask.extend([False] * (len(prefix) - len(ids)))
         # Tokens the template appends after the end-of-turn token (chatml's "\n" after <|im_end|>) are not the
         # student's: sampling stops at end-of-turn, so they are never generated and must not be trained on.
-        span = full[len(prefix):]
+        span = full[len(prefix) :]
         last_end = max((j for j, t in enumerate(span) if t in stops), default=len(span) - 1)
         mask.extend([True] * (last_end + 1) + [False] * (len(span) - last_end - 1))
         ids = full
@@ -74,7 +86,7 @@ def encode_dialogue(tokenizer, turns: list[dict]) -> tuple[list[int], list[bool]
     return rest, mask
 
 
-def end_of_turn_ids(tokenizer) -> list[int]:
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Token ids that end an assistant turn (sampling stops on any of them)."""
     vocab = tokenizer.get_vocab()
     found = [vocab[t] for t in ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>") if t in vocab]

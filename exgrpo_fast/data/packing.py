@@ -28,6 +28,12 @@ class PackedBatch:
     loss_seq_ids: torch.Tensor  # (N,) int64: local sequence of each loss position
     sample_index: torch.Tensor  # (S,) int64: index of each packed sequence in the caller's list
     num_tokens: int  # T (host int)
+    loss_lens: tuple[int, ...] = ()  # loss positions per sequence (host ints: the step's loss normaliser)
+
+    @property
+    def num_loss_tokens(self) -> int:
+        """N, the number of loss positions (host int: no sync)."""
+        return sum(self.loss_lens)
 
     def to(self, device: torch.device | str) -> PackedBatch:
         moved = {}
@@ -67,7 +73,7 @@ def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
 
 def _build(sequences: list[tuple[list[int], list[bool]]], members: list[int]) -> PackedBatch:
     ids, pos, seq, cu, lens = [], [], [], [0], []
-    loss_pos, loss_lab, loss_seq = [], [], []
+    loss_pos, loss_lab, loss_seq, loss_lens = [], [], [], []
     for local, i in enumerate(members):
         tokens, mask = sequences[i]
         offset = len(ids)
@@ -75,11 +81,13 @@ def _build(sequences: list[tuple[list[int], list[bool]]], members: list[int]) ->
         ids.extend(int(t) for t in tokens)
         pos.extend(range(n))
         seq.extend([local] * n)
+        first_loss = len(loss_pos)
         for t in range(n - 1):
             if mask[t + 1]:
                 loss_pos.append(offset + t)
                 loss_lab.append(int(tokens[t + 1]))
                 loss_seq.append(local)
+        loss_lens.append(len(loss_pos) - first_loss)
         cu.append(cu[-1] + n)
         lens.append(n)
 
@@ -87,9 +95,18 @@ def _build(sequences: list[tuple[list[int], list[bool]]], members: list[int]) ->
         return torch.tensor(x, dtype=torch.int64)
 
     return PackedBatch(
-        input_ids=long(ids), position_ids=long(pos), cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-        max_seqlen=max(lens), seq_lens=tuple(lens), seq_ids=long(seq), loss_positions=long(loss_pos),
-        loss_labels=long(loss_lab), loss_seq_ids=long(loss_seq), sample_index=long(members), num_tokens=len(ids),
+        input_ids=long(ids),
+        position_ids=long(pos),
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+        max_seqlen=max(lens),
+        seq_lens=tuple(lens),
+        seq_ids=long(seq),
+        loss_positions=long(loss_pos),
+        loss_labels=long(loss_lab),
+        loss_seq_ids=long(loss_seq),
+        sample_index=long(members),
+        num_tokens=len(ids),
+        loss_lens=tuple(loss_lens),
     )
 
 

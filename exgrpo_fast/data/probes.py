@@ -1,7 +1,7 @@
-"""Explanatory probes: the symbolic teacher of the built-in task, and an HF teacher for user problems.
+"""Explanatory probes written by an HF teacher model for user problems, checked by self-consistency and cached.
 
-Symbolic (the built-in task, used by exgrpo_fast.data.tasks.make_problems): `write_symbolic_probes` writes exact
-probes from a chain; `tasks.recompute_probe_answer` re-derives each answer from meta by other arithmetic (the check).
+The built-in task's symbolic teacher lives with the task (exgrpo_fast.data.tasks.write_probes); this module is the
+teacher for user problems. Both depend on exgrpo_fast.data.problem only, never on each other.
 
 HF teacher (`write_probes_with_teacher`), per problem:
 
@@ -12,11 +12,12 @@ HF teacher (`write_probes_with_teacher`), per problem:
        the probe alone; a probe is kept when the fraction of re-answers matching its written answer is at least
        `min_consistency` (default: all of them). Problems short of K kept probes get `rounds - 1` more draws.
 
-The result is a datasets.Dataset of problems (probes filled in) with provenance columns: teacher, probe_template
+The result is a datasets.Dataset of problem rows (probes filled in) with provenance columns: teacher, probe_template
 (the template kind of each kept probe), probe_consistency (its agreement fraction), probe_candidates (how many
 probes the teacher wrote for the problem). It is saved under cache_dir, keyed by a hash of (problems, teacher path
 and config hash, templates, seed, k, generation settings); a second call with the same inputs loads it and never
-calls the teacher. Problems that already carry probes pass through unchanged (teacher = "").
+calls the teacher. This cache is one of the two edges where `datasets` appears: the trainer turns its rows into
+Problems (Problem.from_dict). Problems that already carry probes pass through unchanged (teacher = "").
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ import random
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from exgrpo_fast.data import tasks
-from exgrpo_fast.data.tasks import CHECKABLE, ArithConfig, recompute_probe_answer  # noqa: F401 - re-exported
+from exgrpo_fast.data.problem import CHECKABLE, Problem, as_problem
 from exgrpo_fast.rewards import answers_match, extract_answer
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 CACHE_VERSION = 1
 
@@ -64,55 +68,6 @@ GenerateFn = Callable[[list[str]], list[str]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the symbolic teacher (built-in task)
-
-
-def write_symbolic_probes(rng: random.Random, meta: dict, cfg: ArithConfig) -> list[dict]:
-    """The symbolic teacher of the built-in task: exact probes for the chain in meta, cfg.num_probes checkable kinds
-    drawn without replacement (plus explain when cfg.include_explain). Each probe's parameters (the changed start,
-    the step, the candidate) are recorded in meta["probes"], so every answer can be recomputed from meta."""
-    name, item, start, ops = meta["name"], meta["item"], meta["start"], meta["ops"]
-    pronoun = tasks.PRONOUNS[name].lower()
-    values = tasks.run_chain(start, ops)
-    final = values[-1]
-    kinds = rng.sample(list(cfg.probe_kinds), cfg.num_probes)
-    probes, params = [], []
-    for kind in kinds:
-        if kind == "inverse":
-            q = f"{tasks._question(name, item, None, ops)} Now {pronoun} has {final}. How many at first?"
-            probes.append({"kind": kind, "question": q, "answer": str(start)})
-            params.append({"kind": kind})
-        elif kind == "counterfactual":
-            new_start = start + rng.choice([-1, 1]) * rng.randint(1, 3)
-            low = max(0, -min(tasks.run_chain(0, ops)))  # smallest start that never goes below zero
-            new_start = max(new_start, low + 1)
-            if new_start == start:
-                new_start += 1
-            q = f"If {pronoun} had {new_start} at first, how many now?"
-            probes.append({"kind": kind, "question": q, "answer": str(tasks.run_chain(new_start, ops)[-1])})
-            params.append({"kind": kind, "start": new_start})
-        elif kind == "step":
-            k = rng.randint(1, len(ops))
-            q = f"How many after step {k}?"
-            probes.append({"kind": kind, "question": q, "answer": str(values[k])})
-            params.append({"kind": kind, "step": k})
-        else:  # verify
-            right = rng.random() < 0.5
-            candidate = final if right else final + rng.choice([-1, 1]) * rng.randint(1, 3)
-            if candidate < 0:
-                candidate = final + rng.randint(1, 3)
-            q = f"Is {candidate} right?"
-            probes.append({"kind": kind, "question": q, "answer": "yes" if candidate == final else "no"})
-            params.append({"kind": kind, "candidate": candidate})
-    if cfg.include_explain:
-        steps = " and ".join(f"{values[i]}{op}{n}={values[i + 1]}" for i, (op, n) in enumerate(ops))
-        probes.append({"kind": "explain", "question": "Why?", "answer": f"Because {steps}."})
-        params.append({"kind": "explain"})
-    meta["probes"] = params
-    return probes
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # parsing and checking
 
 
@@ -121,7 +76,7 @@ def parse_probe(text: str, kind: str) -> dict | None:
     q = _PROBE.search(text or "")
     if not q:
         return None
-    a = _WRITTEN_ANSWER.search(text[q.end() - 1:])
+    a = _WRITTEN_ANSWER.search(text[q.end() - 1 :])
     if not a:
         return None
     question, answer = q.group(1).strip(), a.group(1).strip().rstrip(".").strip()
@@ -151,8 +106,15 @@ def consistency(probe: dict, replies: Sequence[str]) -> float:
 # the HF teacher
 
 
-def hf_generate_fn(teacher_path: str, *, max_new_tokens: int = 64, seed: int = 0, temperature: float = 0.7,
-                   batch_size: int = 16, device: str | None = None) -> GenerateFn:
+def hf_generate_fn(
+    teacher_path: str,
+    *,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    temperature: float = 0.7,
+    batch_size: int = 16,
+    device: str | None = None,
+) -> GenerateFn:
     """prompts -> sampled completions from a local HF causal LM (local_files_only: never downloads)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -168,8 +130,9 @@ def hf_generate_fn(teacher_path: str, *, max_new_tokens: int = 64, seed: int = 0
 
     def render(prompt: str) -> str:
         if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
         return prompt + "\n"
 
     @torch.no_grad()
@@ -180,11 +143,21 @@ def hf_generate_fn(teacher_path: str, *, max_new_tokens: int = 64, seed: int = 0
             with torch.random.fork_rng(devices=cuda):  # seeded sampling without moving the caller's RNG
                 torch.manual_seed(generator_seed[0])
                 generator_seed[0] += 1
-                enc = tokenizer([render(p) for p in prompts[i: i + batch_size]], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(device)
-                ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                     top_p=1.0, pad_token_id=tokenizer.pad_token_id)
-            out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                enc = tokenizer(
+                    [render(p) for p in prompts[i : i + batch_size]],
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=False,
+                ).to(device)
+                ids = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_p=1.0,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         return out
 
     return generate
@@ -207,45 +180,85 @@ def teacher_config_hash(teacher_path: str) -> str:
 # writing probes with the teacher
 
 
-def _as_list(problems) -> list[dict]:
-    return [dict(p) for p in problems]
+def _as_rows(problems: Iterable[Problem | Mapping]) -> list[dict]:
+    return [as_problem(p).to_dict() for p in problems]
 
 
-def cache_key(problems: list[dict], teacher_path: str, *, k: int, seed: int, max_new_tokens: int, n_checks: int,
-              min_consistency: float, rounds: int, kinds: Sequence[str] = CHECKABLE) -> str:
+def cache_key(
+    problems: list[dict],
+    teacher_path: str,
+    *,
+    k: int,
+    seed: int,
+    max_new_tokens: int,
+    n_checks: int,
+    min_consistency: float,
+    rounds: int,
+    kinds: Sequence[str] = CHECKABLE,
+) -> str:
     """Hash of everything the written probes depend on: the cache directory's name."""
     payload = {
-        "version": CACHE_VERSION, "problems": problems, "teacher": str(teacher_path),
-        "teacher_config": teacher_config_hash(teacher_path), "templates": TEMPLATES, "answer_template": ANSWER_TEMPLATE,
-        "seed": seed, "k": k, "max_new_tokens": max_new_tokens, "n_checks": n_checks,
-        "min_consistency": min_consistency, "rounds": rounds, "kinds": list(kinds),
+        "version": CACHE_VERSION,
+        "problems": problems,
+        "teacher": str(teacher_path),
+        "teacher_config": teacher_config_hash(teacher_path),
+        "templates": TEMPLATES,
+        "answer_template": ANSWER_TEMPLATE,
+        "seed": seed,
+        "k": k,
+        "max_new_tokens": max_new_tokens,
+        "n_checks": n_checks,
+        "min_consistency": min_consistency,
+        "rounds": rounds,
+        "kinds": list(kinds),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def write_probes_with_teacher(
-    problems, teacher_path: str, *, k: int = 3, cache_dir: str, seed: int = 0, max_new_tokens: int = 64,
-    generate_fn: GenerateFn | None = None, n_checks: int = 2, min_consistency: float = 1.0, rounds: int = 2,
+    problems: Iterable[Problem | Mapping],
+    teacher_path: str,
+    *,
+    k: int = 3,
+    cache_dir: str,
+    seed: int = 0,
+    max_new_tokens: int = 64,
+    generate_fn: GenerateFn | None = None,
+    n_checks: int = 2,
+    min_consistency: float = 1.0,
+    rounds: int = 2,
     kinds: Sequence[str] = CHECKABLE,
-):
+) -> Dataset:
     """Problems with up to k teacher-written, self-consistent probes each, as a datasets.Dataset (cached).
 
-    problems: list of problem dicts or a Dataset; teacher_path: local HF checkpoint (loaded only on a cache miss and
-    only when generate_fn is None); generate_fn: prompts -> completions, replaces the HF teacher (tests, servers).
+    problems: Problems or problem rows (dicts, a Dataset); teacher_path: local HF checkpoint (loaded only on a cache
+    miss and only when generate_fn is None); generate_fn: prompts -> completions, replaces the HF teacher (tests,
+    servers).
     """
     from datasets import Dataset
 
     if k < 0 or n_checks < 1 or rounds < 1 or not 0.0 <= min_consistency <= 1.0:
-        raise ValueError(f"k={k}, n_checks={n_checks}, rounds={rounds}, min_consistency={min_consistency}: "
-                         "expected k >= 0, n_checks >= 1, rounds >= 1, 0 <= min_consistency <= 1")
+        raise ValueError(
+            f"k={k}, n_checks={n_checks}, rounds={rounds}, min_consistency={min_consistency}: "
+            "expected k >= 0, n_checks >= 1, rounds >= 1, 0 <= min_consistency <= 1"
+        )
     bad = set(kinds) - set(TEMPLATES)
     if bad or not kinds:
         raise ValueError(f"kinds={list(kinds)}: expected some of {sorted(TEMPLATES)}")
-    problems = _as_list(problems)
+    problems = _as_rows(problems)
     if not problems:
         raise ValueError("write_probes_with_teacher: no problems")
-    key = cache_key(problems, teacher_path, k=k, seed=seed, max_new_tokens=max_new_tokens, n_checks=n_checks,
-                    min_consistency=min_consistency, rounds=rounds, kinds=kinds)
+    key = cache_key(
+        problems,
+        teacher_path,
+        k=k,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        n_checks=n_checks,
+        min_consistency=min_consistency,
+        rounds=rounds,
+        kinds=kinds,
+    )
     target = Path(cache_dir) / f"probes-{key}"
     if (target / "dataset_info.json").is_file():
         return Dataset.load_from_disk(str(target))
@@ -267,8 +280,14 @@ def write_probes_with_teacher(
             jobs += [(i, pool[j % len(pool)]) for j in range(need)]
         if not jobs:
             break
-        prompts = [TEMPLATES[kind].format(question=problems[i]["question"], answer=problems[i]["answer"],
-                                          rationale=problems[i].get("rationale") or "(none)") for i, kind in jobs]
+        prompts = [
+            TEMPLATES[kind].format(
+                question=problems[i]["question"],
+                answer=problems[i]["answer"],
+                rationale=problems[i].get("rationale") or "(none)",
+            )
+            for i, kind in jobs
+        ]
         written = _call(generate_fn, prompts)
         parsed = []
         for (i, kind), text in zip(jobs, written):
@@ -276,8 +295,11 @@ def write_probes_with_teacher(
             probe = parse_probe(text, kind)
             if probe is not None:
                 parsed.append((i, probe))
-        checks = [ANSWER_TEMPLATE.format(question=problems[i]["question"], probe=probe["question"])
-                  for i, probe in parsed if probe["kind"] != "explain"]
+        checks = [
+            ANSWER_TEMPLATE.format(question=problems[i]["question"], probe=probe["question"])
+            for i, probe in parsed
+            if probe["kind"] != "explain"
+        ]
         replies = _call(generate_fn, checks * n_checks) if checks else []
         c = 0
         for i, probe in parsed:
@@ -292,19 +314,34 @@ def write_probes_with_teacher(
 
     rows = []
     for i, p in enumerate(problems):
-        row = {"id": str(p.get("id", i)), "question": p["question"], "answer": str(p["answer"]),
-               "rationale": p.get("rationale") or "", "split": p.get("split") or "", "meta": p.get("meta") or ""}
+        row = {
+            "id": str(p.get("id", i)),
+            "question": p["question"],
+            "answer": str(p["answer"]),
+            "rationale": p.get("rationale") or "",
+            "split": p.get("split") or "",
+            "meta": p.get("meta") or "",
+        }
         if not isinstance(row["meta"], str):
             row["meta"] = json.dumps(row["meta"], default=str)
         if i in kept:
             row["probes"] = [probe for probe, _, _ in kept[i]]
-            row.update(teacher=str(teacher_path), probe_template=[t for _, t, _ in kept[i]],
-                       probe_consistency=[a for _, _, a in kept[i]], probe_candidates=candidates[i])
+            row.update(
+                teacher=str(teacher_path),
+                probe_template=[t for _, t, _ in kept[i]],
+                probe_consistency=[a for _, _, a in kept[i]],
+                probe_candidates=candidates[i],
+            )
         else:
-            row["probes"] = [{"kind": q["kind"], "question": q["question"], "answer": str(q["answer"])}
-                             for q in p["probes"]]
-            row.update(teacher="", probe_template=[q["kind"] for q in p["probes"]],
-                       probe_consistency=[1.0] * len(p["probes"]), probe_candidates=0)
+            row["probes"] = [
+                {"kind": q["kind"], "question": q["question"], "answer": str(q["answer"])} for q in p["probes"]
+            ]
+            row.update(
+                teacher="",
+                probe_template=[q["kind"] for q in p["probes"]],
+                probe_consistency=[1.0] * len(p["probes"]),
+                probe_candidates=0,
+            )
         rows.append(row)
     ds = Dataset.from_list(rows)
     # save to a private temp dir, then rename: a crash or a concurrent writer never leaves a half-written cache

@@ -13,8 +13,9 @@ How many apples does Tom have?"). The symbolic teacher knows the chain, so it wr
 Splits: "train" and "test_id" share one distribution and are disjoint (a hash of the chain decides which split
 may hold it); "test_ood" has longer chains and larger numbers. Everything is a pure function of (split, seed, cfg).
 
-Problems are plain dicts (rows of a datasets.Dataset): id, question, answer, rationale, probes [{kind, question,
-answer}], split, meta (JSON of the chain and the probe parameters, from which every answer can be recomputed).
+Problems are exgrpo_fast.data.problem.Problem: meta is the JSON of the chain and the probe parameters, from which
+every answer can be recomputed (recompute_probe_answer). `builtin_splits` gives plain lists for the trainer;
+`builtin_dataset` the same problems as a datasets.DatasetDict (an edge: saving, sharing, the Hub format).
 """
 
 from __future__ import annotations
@@ -23,13 +24,27 @@ import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from exgrpo_fast.data.problem import (  # noqa: F401 - the dialogue helpers are re-exported for callers of this module
+    ANSWER_PREFIX,
+    CHECKABLE,
+    PROBE_KINDS,
+    Probe,
+    Problem,
+    checkable_probes,
+    format_answer,
+    problem_rows,
+    rollout_user_turns,
+    sft_dialogue,
+)
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
 
 NAMES = ("Tom", "Ann", "Bob", "Eve", "Sam", "Mia", "Leo", "Ida")
 PRONOUNS = {"Tom": "He", "Bob": "He", "Sam": "He", "Leo": "He", "Ann": "She", "Eve": "She", "Mia": "She", "Ida": "She"}
 ITEMS = ("apples", "pens", "cards", "coins", "books", "shells")
-CHECKABLE = ("inverse", "counterfactual", "step", "verify")
-PROBE_KINDS = CHECKABLE + ("explain",)
-ANSWER_PREFIX = "Answer: "
 
 
 @dataclass
@@ -114,11 +129,46 @@ def _chain_key(name: str, item: str, start: int, ops: list[list]) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def write_probes(rng: random.Random, meta: dict, cfg: ArithConfig) -> list[dict]:
-    """The symbolic teacher's probes for the chain in meta (see exgrpo_fast.data.probes.write_symbolic_probes)."""
-    from exgrpo_fast.data.probes import write_symbolic_probes  # lazy: probes imports this module
-
-    return write_symbolic_probes(rng, meta, cfg)
+def write_probes(rng: random.Random, meta: dict, cfg: ArithConfig) -> list[Probe]:
+    """The symbolic teacher: exact probes for the chain in meta, cfg.num_probes checkable kinds drawn without
+    replacement (plus explain when cfg.include_explain). Each probe's parameters (the changed start, the step, the
+    candidate) are recorded in meta["probes"], so every answer can be recomputed from meta."""
+    name, item, start, ops = meta["name"], meta["item"], meta["start"], meta["ops"]
+    pronoun = PRONOUNS[name].lower()
+    values = run_chain(start, ops)
+    final = values[-1]
+    probes, params = [], []
+    for kind in rng.sample(list(cfg.probe_kinds), cfg.num_probes):
+        if kind == "inverse":
+            q = f"{_question(name, item, None, ops)} Now {pronoun} has {final}. How many at first?"
+            probes.append(Probe(kind, q, str(start)))
+            params.append({"kind": kind})
+        elif kind == "counterfactual":
+            new_start = start + rng.choice([-1, 1]) * rng.randint(1, 3)
+            low = max(0, -min(run_chain(0, ops)))  # smallest start that never goes below zero
+            new_start = max(new_start, low + 1)
+            if new_start == start:
+                new_start += 1
+            q = f"If {pronoun} had {new_start} at first, how many now?"
+            probes.append(Probe(kind, q, str(run_chain(new_start, ops)[-1])))
+            params.append({"kind": kind, "start": new_start})
+        elif kind == "step":
+            k = rng.randint(1, len(ops))
+            probes.append(Probe(kind, f"How many after step {k}?", str(values[k])))
+            params.append({"kind": kind, "step": k})
+        else:  # verify
+            right = rng.random() < 0.5
+            candidate = final if right else final + rng.choice([-1, 1]) * rng.randint(1, 3)
+            if candidate < 0:
+                candidate = final + rng.randint(1, 3)
+            probes.append(Probe(kind, f"Is {candidate} right?", "yes" if candidate == final else "no"))
+            params.append({"kind": kind, "candidate": candidate})
+    if cfg.include_explain:
+        steps = " and ".join(f"{values[i]}{op}{n}={values[i + 1]}" for i, (op, n) in enumerate(ops))
+        probes.append(Probe("explain", "Why?", f"Because {steps}."))
+        params.append({"kind": "explain"})
+    meta["probes"] = params
+    return probes
 
 
 def recompute_probe_answer(meta: dict, index: int) -> str:
@@ -137,11 +187,14 @@ def recompute_probe_answer(meta: dict, index: int) -> str:
         return str(start + sum(n if op == "+" else -n for op, n in ops[: p["step"]]))
     if p["kind"] == "verify":
         return "yes" if p["candidate"] == total else "no"
-    return "Because " + " and ".join(
-        f"{a}{op}{n}={a + n if op == '+' else a - n}" for a, (op, n) in zip(run_chain(start, ops), ops)) + "."
+    return (
+        "Because "
+        + " and ".join(f"{a}{op}{n}={a + n if op == '+' else a - n}" for a, (op, n) in zip(run_chain(start, ops), ops))
+        + "."
+    )
 
 
-def make_problems(split: str, n: int, *, seed: int, cfg: ArithConfig | None = None) -> list[dict]:
+def make_problems(split: str, n: int, *, seed: int, cfg: ArithConfig | None = None) -> list[Problem]:
     """n problems of split "train", "test_id" or "test_ood", deterministic under seed."""
     cfg = cfg or ArithConfig()
     if split not in ("train", "test_id", "test_ood"):
@@ -169,58 +222,34 @@ def make_problems(split: str, n: int, *, seed: int, cfg: ArithConfig | None = No
         values = run_chain(start, ops)
         meta = {"name": name, "item": item, "start": start, "ops": ops}
         probes = write_probes(rng, meta, cfg)
-        problems.append({
-            "id": f"{split}-{seed}-{len(problems)}",
-            "question": f"{_question(name, item, start, ops)} How many {item} does {name} have?",
-            "answer": str(values[-1]),
-            "rationale": _rationale(values, ops),
-            "probes": probes,
-            "split": split,
-            "meta": json.dumps(meta),
-        })
+        problems.append(
+            Problem(
+                id=f"{split}-{seed}-{len(problems)}",
+                question=f"{_question(name, item, start, ops)} How many {item} does {name} have?",
+                answer=str(values[-1]),
+                rationale=_rationale(values, ops),
+                probes=probes,
+                split=split,
+                meta=json.dumps(meta),
+            )
+        )
     return problems
 
 
-def builtin_dataset(n_train: int, n_test: int, *, seed: int = 0, cfg: ArithConfig | None = None):
-    """datasets.DatasetDict with train / test_id / test_ood splits of the built-in task."""
-    from datasets import Dataset, DatasetDict
-
-    return DatasetDict({
-        split: Dataset.from_list(make_problems(split, n, seed=seed, cfg=cfg))
-        for split, n in (("train", n_train), ("test_id", n_test), ("test_ood", n_test))
-    })
+def builtin_splits(
+    n_train: int, n_test: int, *, seed: int = 0, cfg: ArithConfig | None = None
+) -> dict[str, list[Problem]]:
+    """{"train", "test_id", "test_ood"}: lists of built-in problems (n_test in each held-out split)."""
+    sizes = (("train", n_train), ("test_id", n_test), ("test_ood", n_test))
+    return {split: make_problems(split, n, seed=seed, cfg=cfg) for split, n in sizes}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# dialogues
+def builtin_dataset(n_train: int, n_test: int, *, seed: int = 0, cfg: ArithConfig | None = None) -> DatasetDict:
+    """The built-in splits as a datasets.DatasetDict of problem rows (Problem.to_dict)."""
+    from datasets import Dataset, DatasetDict  # an edge: the trainer uses builtin_splits
 
-
-def format_answer(rationale: str, answer: str) -> str:
-    """The assistant's reply to a question: the worked rationale, then the parseable answer line."""
-    return f"{rationale} {ANSWER_PREFIX}{answer}".strip()
-
-
-def sft_dialogue(problem: dict) -> list[dict]:
-    """The teacher's EI dialogue: question -> rationale + answer, then each probe -> its answer (explain included)."""
-    turns = [{"role": "user", "content": problem["question"]},
-             {"role": "assistant", "content": format_answer(problem.get("rationale", ""), problem["answer"])}]
-    for p in problem.get("probes") or []:
-        reply = p["answer"] if p["kind"] == "explain" else f"{ANSWER_PREFIX}{p['answer']}"
-        turns += [{"role": "user", "content": p["question"]}, {"role": "assistant", "content": reply}]
-    return turns
-
-
-def checkable_probes(problem: dict) -> list[dict]:
-    """The probes a reward can check (every kind but explain), in dialogue order."""
-    return [p for p in problem.get("probes") or [] if p["kind"] != "explain"]
-
-
-def rollout_user_turns(problem: dict, *, include_probes: bool = True) -> list[str]:
-    """User messages a rollout feeds turn by turn: the question, then the checkable probes."""
-    turns = [problem["question"]]
-    if include_probes:
-        turns += [p["question"] for p in checkable_probes(problem)]
-    return turns
+    splits = builtin_splits(n_train, n_test, seed=seed, cfg=cfg)
+    return DatasetDict({split: Dataset.from_list(problem_rows(problems)) for split, problems in splits.items()})
 
 
 def config_dict(cfg: ArithConfig) -> dict:

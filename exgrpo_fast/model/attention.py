@@ -11,8 +11,9 @@ Backends, in order of preference when "auto":
     torch_varlen     torch.nn.attention.varlen.varlen_attn (PyTorch >= 2.10, CUDA SM80+)
     sdpa_ref         reference: causal SDPA per document (any device; the CPU default)
 
-load_model pins the chosen backend to each model (bind_backend); models built otherwise use the process-wide
-choice of select_backend.
+The backend is a property of each model, never process-wide state: select_backend picks one for a device and dtype,
+bind_backend pins it to a model's modules (load_model does both), and the attention forward reads only its module's
+binding. A model can therefore hold a bf16 flash-attn policy next to an fp32 reference-backend teacher.
 
 Without packing kwargs (rollouts: left-padded batches with a KV cache) the same registered implementation falls
 through to transformers' SDPA path with its ordinary padding mask.
@@ -38,8 +39,7 @@ _log = logging.getLogger(__name__)
 
 IMPLEMENTATION = "exgrpo_packed"  # the attn_implementation name models are loaded with
 BACKENDS = ("flash_attn", "flash_attn_cute", "torch_varlen", "sdpa_ref")
-_active = "sdpa_ref"
-_logged: set[str] = set()
+_logged: set[str] = set()  # choices already logged (log once per backend)
 
 
 def _has_module(name: str) -> bool:
@@ -69,10 +69,9 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def select_backend(device: torch.device | str, override: str | None = None, *, dtype: torch.dtype | None = None) -> str:
-    """Pick the packed-attention backend for `device` ("auto" / None = the first available), make it active, and
-    log the choice once. With `dtype` given, "auto" skips the CUDA kernels that need fp16/bf16 when it is fp32, and
-    an explicit choice that cannot run it is an error."""
-    global _active
+    """The packed-attention backend for `device` ("auto" / None = the first available), logged once; bind it to a
+    model with bind_backend. With `dtype` given, "auto" skips the CUDA kernels that need fp16/bf16 when it is fp32,
+    and an explicit choice that cannot run it is an error."""
     options = available_backends(device)
     if dtype is not None and dtype not in _HALF:
         options = [b for b in options if b == "sdpa_ref"] if override in (None, "auto") else options
@@ -86,20 +85,15 @@ def select_backend(device: torch.device | str, override: str | None = None, *, d
         choice = override
     else:
         choice = options[0]
-    _active = choice
     if choice not in _logged:
         _log.info("packed attention backend: %s (available on %s: %s)", choice, device, ", ".join(options))
         _logged.add(choice)
     return choice
 
 
-def active_backend() -> str:
-    return _active
-
-
 def bind_backend(model: torch.nn.Module, backend: str) -> None:
     """Pin `backend` to this model's attention layers, so models loaded with different backends or dtypes (policy in
-    bf16, a teacher in fp32) keep their own; unbound modules use the process-wide choice of select_backend."""
+    bf16, a teacher in fp32) keep their own. A packed forward through an unbound model is an error."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     for m in model.modules():
@@ -170,8 +164,19 @@ def _flash_attn(q, k, v, cu, max_len, scaling, sliding_window, softcap):
     from flash_attn import flash_attn_varlen_func
 
     window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
-    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scaling, causal=True,
-                                  window_size=window, softcap=softcap or 0.0)
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu,
+        cu,
+        max_len,
+        max_len,
+        softmax_scale=scaling,
+        causal=True,
+        window_size=window,
+        softcap=softcap or 0.0,
+    )
 
 
 def _flash_attn_cute(q, k, v, cu, max_len, scaling, sliding_window):
@@ -198,8 +203,18 @@ def packed_attention_forward(
     """transformers attention function: varlen attention when packing kwargs are present, SDPA otherwise."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, softcap=softcap, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            **kwargs,
+        )
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one packed row, got batch size {query.shape[0]}")
     if dropout and module.training:
@@ -207,7 +222,12 @@ def packed_attention_forward(
     # (1, H, T, D) -> (T, H, D)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
     max_len = int(kwargs["max_length_q"])
-    backend = getattr(module, "_packed_attn_backend", None) or _active
+    backend = getattr(module, "_packed_attn_backend", None)
+    if backend is None:
+        raise ValueError(
+            f"{type(module).__name__} has no packed-attention backend: load the model with "
+            "exgrpo_fast.model.loading.load_model or call attention.bind_backend(model, backend) first"
+        )
     if softcap and backend != "flash_attn":
         raise NotImplementedError(f"attention logit softcapping needs the flash_attn backend, not {backend}")
     if backend == "sdpa_ref":

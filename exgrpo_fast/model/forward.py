@@ -12,14 +12,14 @@ from exgrpo_fast.data.packing import PackedBatch
 _NO_MASK = torch.empty(1, 1, 0, 0, dtype=torch.bool)
 
 
-def _body(model):
+def _body(model: torch.nn.Module) -> torch.nn.Module:
     body = model.get_decoder() if hasattr(model, "get_decoder") else None
     if body is None:
         body = getattr(model, model.base_model_prefix)
     return body
 
 
-def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
+def packed_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     """Final hidden states (after the final norm: what the LM head consumes) of every packed token, (T, H)."""
     out = _body(model)(
         input_ids=batch.input_ids.unsqueeze(0),
@@ -31,12 +31,12 @@ def packed_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
     return out.last_hidden_state[0]  # (T, H)
 
 
-def packed_hidden(model, batch: PackedBatch) -> torch.Tensor:
+def packed_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     """Final hidden states at batch.loss_positions only, (N, H)."""
     return packed_hidden_states(model, batch).index_select(0, batch.loss_positions)
 
 
-def packed_logits(model, batch: PackedBatch) -> torch.Tensor:
+def packed_logits(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     """Logits of every packed token, (T, V), through the model's own LM head (tests and evaluation)."""
     hidden = packed_hidden_states(model, batch)
     return model.get_output_embeddings()(hidden)

@@ -1,0 +1,175 @@
+"""Checkpoints: round trip, overwrite, retention, a stale pointer, and a crash at every step of the save sequence
+(fault injection in a forked child) after which the newest complete checkpoint is found and loads."""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from exgrpo_fast import checkpoint as C
+from exgrpo_fast.errors import CheckpointError, MissingPathError, UserError
+from exgrpo_fast.model.loading import load_model
+from exgrpo_fast.model.tiny import create_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    path = create_tiny_checkpoint(tmp_path_factory.mktemp("student") / "tiny", preset="tiny", seed=7)
+    return load_model(path)
+
+
+def _opt(model):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.zero_grad()
+    model(torch.tensor([[5, 6, 7]])).logits.sum().backward()
+    opt.step()
+    opt.zero_grad()
+    return opt
+
+
+def save(root, student, stage, step, tag="", **kw):
+    model, tok = student
+    return C.save_checkpoint(root / f"{stage}-{step:06d}", model, tok, stage=stage, step=step, extra={"tag": tag}, **kw)
+
+
+def entries(root):
+    return sorted(p.name for p in Path(root).iterdir())
+
+
+def test_round_trip_restores_optimizer_and_rng(tmp_path, student):
+    model, tok = student
+    opt = _opt(model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    torch.manual_seed(11)
+    path = C.save_checkpoint(tmp_path / "checkpoints" / "sft-000003", model, tok, optimizer=opt, scheduler=sched,
+                             stage="sft", step=3, extra={"pos": 9})  # fmt: skip
+    expected_draw = torch.rand(3)
+    assert C.resolve_checkpoint(tmp_path) == path == C.resolve_checkpoint(tmp_path / "checkpoints")
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "sft-000003"
+    assert C.checkpoint_meta(path) == {"stage": "sft", "step": 3, "seq": 1}
+    state = C.load_trainer_state(path)
+    assert (state["stage"], state["step"], state["extra"]) == ("sft", 3, {"pos": 9})
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    C.restore(state, model, fresh)
+    for a, b in zip(opt.state.values(), fresh.state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert torch.equal(torch.rand(3), expected_draw)  # RNG restored to the saved point
+    reloaded = AutoModelForCausalLM.from_pretrained(path)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
+    assert entries(tmp_path / "checkpoints") == ["latest", "sft-000003"]  # no temp dirs left behind
+
+
+def test_overwrite_same_name(tmp_path, student):
+    root = tmp_path / "checkpoints"
+    save(root, student, "sft", 2, "first")
+    save(root, student, "sft", 2, "second")
+    path = C.resolve_checkpoint(tmp_path)
+    assert path.name == "sft-000002" and C.load_trainer_state(path)["extra"]["tag"] == "second"
+    assert C.checkpoint_meta(path)["seq"] == 2
+    assert entries(root) == ["latest", "sft-000002"]
+
+
+def test_keep_last_prunes_this_stage_only(tmp_path, student):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        save(root, student, "sft", step, keep_last=2)
+    assert entries(root) == ["latest", "sft-000003", "sft-000004"]
+    for step in (1, 2, 3):
+        save(root, student, "grpo", step, keep_last=1, keep=[root / "sft-000003"])
+    assert entries(root) == ["grpo-000003", "latest", "sft-000003", "sft-000004"]
+    assert C.resolve_checkpoint(tmp_path).name == "grpo-000003"
+    with pytest.raises(ValueError, match="keep_last=-1"):
+        save(root, student, "grpo", 4, keep_last=-1)
+
+
+def test_stale_or_missing_pointer_and_leftovers(tmp_path, student):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        save(root, student, "sft", step)
+    pointer = root / "latest"
+    pointer.write_text("sft-000001\n")  # stale
+    assert C.resolve_checkpoint(tmp_path).name == "sft-000003"
+    pointer.write_text("sft-000009\n")  # dangling
+    assert C.resolve_checkpoint(tmp_path).name == "sft-000003"
+    pointer.unlink()
+    assert C.resolve_checkpoint(tmp_path).name == "sft-000003"
+    # half-written / half-deleted dirs are never taken for checkpoints, even with the newest-looking content
+    (root / ".sft-000009.tmp-123").mkdir()
+    (root / ".sft-000009.tmp-123" / C.STATE_FILE).write_bytes(b"partial")
+    (root / "sft-000004").mkdir()  # a visible dir without checkpoint.json: not complete
+    (root / "sft-000004" / C.STATE_FILE).write_bytes(b"partial")
+    (root / "sft-000004" / C.META_FILE).write_text("{trunc")
+    assert C.resolve_checkpoint(tmp_path).name == "sft-000003"
+    save(root, student, "sft", 5)  # the next save tidies the temp dir and rewrites the pointer
+    assert ".sft-000009.tmp-123" not in entries(root) and pointer.read_text().strip() == "sft-000005"
+
+
+def test_errors_name_the_path(tmp_path, student):
+    with pytest.raises(MissingPathError, match=f"checkpoint path {tmp_path / 'nope'} does not exist"):
+        C.resolve_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingPathError, match=f"no complete checkpoint in {tmp_path / 'empty'}"):
+        C.resolve_checkpoint(tmp_path / "empty")
+    with pytest.raises(MissingPathError, match="trainer_state.pt does not exist"):
+        C.load_trainer_state(tmp_path / "empty")
+    path = save(tmp_path / "checkpoints", student, "sft", 1)
+    data = (path / C.STATE_FILE).read_bytes()
+    (path / C.STATE_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="trainer_state.pt: cannot read"):
+        C.load_trainer_state(path)
+    assert issubclass(CheckpointError, UserError) and issubclass(MissingPathError, FileNotFoundError)
+
+
+def _crashing_save(root, student, stage, step, tag, point, keep_last=None) -> int:
+    """Fork; the child saves with the fault-injection hook set to `point` and dies there. Returns its exit code."""
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 1
+        try:
+            os.environ[C.CRASH_ENV] = point
+            save(root, student, stage, step, tag, keep_last=keep_last)
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"child saving with crash point {point} hung")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fault injection forks a child")
+@pytest.mark.parametrize(
+    "point, overwrite",
+    [(p, o) for o in (False, True) for p in C.CRASH_POINTS if o or p != "old_aside"],  # old_aside: overwrites only
+    ids=lambda v: {False: "new-name", True: "overwrite"}.get(v, v) if isinstance(v, bool) else v,
+)
+def test_crash_at_every_step_of_a_save(tmp_path, student, point, overwrite):
+    root = tmp_path / "checkpoints"
+    save(root, student, "sft", 1, "one")
+    save(root, student, "sft", 2, "two")
+    step = 2 if overwrite else 3
+    code = _crashing_save(root, student, "sft", step, "new", point, keep_last=2)
+    assert code == C.CRASH_EXIT, f"the child did not stop at {point} (exit {code})"
+    committed = C.CRASH_POINTS.index(point) >= C.CRASH_POINTS.index("committed")
+    found = C.resolve_checkpoint(tmp_path)  # what resume / eval would use
+    state = C.load_trainer_state(found)
+    assert (state["step"], state["extra"]["tag"]) == ((step, "new") if committed else (2, "two")), (point, found)
+    model, _ = load_model(found)  # the weights and tokenizer load
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the next save (as a resumed run would do) repairs what the crash left and ends with a clean dir
+    save(root, student, "sft", 4, "after")
+    names = [n for n in entries(root) if n.startswith(".")]
+    assert names == [], names
+    assert C.resolve_checkpoint(tmp_path).name == "sft-000004"
+    assert (root / "latest").read_text().strip() == "sft-000004"
+    if overwrite or not committed:  # sft-000002 survives with one of its complete versions
+        assert C.load_trainer_state(root / "sft-000002")["extra"]["tag"] in ("two", "new")
