@@ -87,12 +87,12 @@ def resolve_layers(requested: tuple[int, ...], num_layers: int) -> list[int]:
     if not requested:
         return [num_layers // 2]
     out = []
-    for l in requested:
-        idx = l + num_layers if l < 0 else l
+    for layer in requested:
+        idx = layer + num_layers if layer < 0 else layer
         if not 0 <= idx < num_layers:
-            raise ValueError(f"collect.layers: layer {l} is out of range for a model with {num_layers} layers")
+            raise ValueError(f"collect.layers: layer {layer} is out of range for a model with {num_layers} layers")
         if idx in out:
-            raise ValueError(f"collect.layers: layer {l} is listed twice")
+            raise ValueError(f"collect.layers: layer {layer} is listed twice")
         out.append(idx)
     return out
 
@@ -103,12 +103,12 @@ def record_layers(model, layers: list[int]):
     blocks = decoder_layers(model)
     store: dict[int, torch.Tensor] = {}
     handles = []
-    for l in layers:
+    for layer in layers:
 
-        def hook(_module, _inputs, output, l=l):
-            store[l] = (output[0] if isinstance(output, tuple) else output).detach()
+        def hook(_module, _inputs, output, layer=layer):
+            store[layer] = (output[0] if isinstance(output, tuple) else output).detach()
 
-        handles.append(blocks[l].register_forward_hook(hook))
+        handles.append(blocks[layer].register_forward_hook(hook))
     try:
         yield store
     finally:
@@ -197,7 +197,7 @@ def _activations(model, batches: list[PackedBatch], layers: list[int], device: t
     with record_layers(model, layers) as store:
         for b in batches:
             packed_hidden_states(model, b.to(device))
-            out.append(torch.stack([store[l] for l in layers], dim=1)[0, : b.num_tokens].float().cpu())  # (T, L, H)
+            out.append(torch.stack([store[i][0] for i in layers], dim=1)[: b.num_tokens].float().cpu())  # (T, L, H)
     return torch.cat(out)
 
 
@@ -256,7 +256,7 @@ def collect(cfg) -> dict:
         "models": {"a": {"path": cfg.models.a, "label": cfg.models.label_a},
                    "b": {"path": cfg.models.b, "label": cfg.models.label_b}},
         "layers": layers,
-        "sources": [{"model": m, "layer": l} for m in ("a", "b") for l in layers],
+        "sources": [{"model": m, "layer": i} for m in ("a", "b") for i in layers],
         "d_model": h_a,
         "dtype": cfg.collect.dtype,
         "kinds": list(KINDS),

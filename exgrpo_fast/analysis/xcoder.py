@@ -14,7 +14,8 @@ shared latent code f [F] per token reads all sources and each latent has one dec
 The score is invariant to trading scale between encoder and decoder, so a latent cannot win the selection by
 shrinking its decoder. AuxK (Gao et al. 2024): the aux_k most active dead latents (no firing for dead_tokens
 tokens) reconstruct the main reconstruction's error, loss normalised by the error's variance; it gives dead latents
-a gradient. The inference threshold is an EMA of the smallest selected score per batch (Bussmann et al. 2024).
+a gradient. The inference threshold is the mean smallest selected score per batch (Bussmann et al. 2024): an EMA
+during training (logged), recalibrated with the final weights at the end.
 
 Relative decoder norm of latent i: r_i = |d_i,B| / (|d_i,A| + |d_i,B|), |d_i,m| the norm of its decoder vectors of
 model m (concatenated over layers): 0 = A-only, 1 = B-only.
@@ -53,6 +54,7 @@ class Crosscoder(nn.Module):
         self.register_buffer("scale", torch.ones(n_sources))  # input multiplier per source
         self.register_buffer("threshold", torch.tensor(-1.0))  # inference threshold on scores; < 0 = not set
         self.register_buffer("since_fired", torch.zeros(n_latents, dtype=torch.int64))  # training tokens
+        self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.int64))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -129,8 +131,12 @@ class Crosscoder(nn.Module):
             self.since_fired.add_(n).masked_fill_(fired, 0)
             score = f * self.decoder_norms().sum(-1)
             min_score = torch.where(active, score, torch.full_like(score, float("inf"))).min()
-            new = torch.where(self.threshold < 0, min_score, momentum * self.threshold + (1 - momentum) * min_score)
-            self.threshold.copy_(torch.where(torch.isfinite(min_score), new, self.threshold))
+            # a running mean for the first 1 / (1 - momentum) batches, an EMA after (no bias toward the first batch)
+            m = torch.clamp(1 - 1 / (self.threshold_updates + 1).double(), max=momentum).float()
+            new = torch.where(self.threshold < 0, min_score, m * self.threshold + (1 - m) * min_score)
+            ok = torch.isfinite(min_score)
+            self.threshold.copy_(torch.where(ok, new, self.threshold))
+            self.threshold_updates.add_(ok.long())
             stats["l0"] = active.sum(1).float().mean()
             dead = self.since_fired > dead_tokens
             stats["dead"] = dead.float().mean()
@@ -265,6 +271,62 @@ def evaluate(model: Crosscoder, x_raw: torch.Tensor, batch_size: int = 4096) -> 
 # the train subcommand
 
 
+def fit(
+    model: Crosscoder, next_batch, tc, *, log=None, names: list[str] | None = None, calibration_batches: int = 16
+) -> None:
+    """Train `model` for tc.steps steps on raw batches [B, S, H] from next_batch() (tc: crosscoder.TrainConfig):
+    Adam, constant lr then linear decay over the last 20%; the decoder bias starts at the first batch's mean.
+    Every tc.log_every steps a metrics row goes to `log` (a text file, JSON lines) and a line to stdout. At the end
+    the inference threshold is calibrated on calibration_batches more batches."""
+    device = model.W_dec.device
+    names = names or [f"s{i}" for i in range(model.n_sources)]
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(0.9, 0.999))
+    decay_from = int(0.8 * tc.steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 1.0 if s < decay_from else max(0.0, (tc.steps - s) / max(1, tc.steps - decay_from))
+    )
+    t0 = time.perf_counter()
+    for step in range(1, tc.steps + 1):
+        x = model.normalize(next_batch().to(device, non_blocking=True))
+        if step == 1:
+            with torch.no_grad():
+                model.b_dec.copy_(x.mean(0))  # start the decoder bias at the data mean
+        loss, stats = model.train_step_loss(
+            x, aux_k=tc.aux_k, aux_coef=tc.aux_coef, dead_tokens=tc.dead_tokens, momentum=tc.threshold_momentum
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % tc.log_every == 0 or step == tc.steps:
+            row = {k: v.tolist() for k, v in stats.items()}  # sync: logging
+            row.update(step=step, loss=float(loss.detach()), lr=sched.get_last_lr()[0], s=time.perf_counter() - t0)
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            fve = " ".join(f"{n} {v:.3f}" for n, v in zip(names, row["fve"]))
+            print(f"train {step:6d}/{tc.steps} | mse {row['mse']:.4f} | aux {row.get('aux', 0):.3f} | "
+                  f"l0 {row['l0']:.1f} | dead {row['dead']:.3f} | fve {fve} | {row['s']:.0f}s", flush=True)  # fmt: skip
+    calibrate_threshold(model, [next_batch() for _ in range(calibration_batches)])
+
+
+@torch.no_grad()
+def calibrate_threshold(model: Crosscoder, batches: list[torch.Tensor]) -> None:
+    """Set the inference threshold to the mean over `batches` (raw [B, S, H]) of the smallest score BatchTopK keeps,
+    with the final weights (the EMA kept during training lags behind weights that are still moving)."""
+    device = model.W_dec.device
+    norms = model.decoder_norms().sum(-1)
+    mins = []
+    for b in batches:
+        f = model.select(model.preacts(model.normalize(b.to(device))), batch_topk=True)
+        score = f * norms
+        mins.append(torch.where(f > 0, score, torch.full_like(score, float("inf"))).min())
+    m = torch.stack(mins)
+    m = m[torch.isfinite(m)]
+    if m.numel():
+        model.threshold.copy_(m.mean())
+
+
 def source_names(manifest: dict) -> list[str]:
     labels = {m: manifest["models"][m]["label"] for m in ("a", "b")}
     return [f"{labels[s['model']]}@L{s['layer']}" for s in manifest["sources"]]
@@ -287,37 +349,12 @@ def train(cfg) -> dict:
     with torch.no_grad():
         model.scale.copy_(mean_sq.clamp_min(1e-12).rsqrt().to(device))
     out.mkdir(parents=True, exist_ok=True)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(0.9, 0.999))
-    decay_from = int(0.8 * tc.steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 1.0 if s < decay_from else max(0.0, (tc.steps - s) / max(1, tc.steps - decay_from))
-    )
     batches = _batches(store, tc.eval_every_doc, tc.batch_size, gen)
-    metrics_path = out / "metrics.jsonl"
     t0 = time.perf_counter()
     print(f"train | {n_train} tokens x {store.num_sources} sources ({', '.join(names)}) x {store.d_model} | "
           f"F {tc.latents} | k {tc.k} | {tc.steps} steps of {tc.batch_size} | device {device}", flush=True)  # fmt: skip
-    with metrics_path.open("w") as log:
-        for step in range(1, tc.steps + 1):
-            x = model.normalize(next(batches).to(device, non_blocking=True))
-            if step == 1:
-                with torch.no_grad():
-                    model.b_dec.copy_(x.mean(0))  # start the decoder bias at the data mean
-            loss, stats = model.train_step_loss(
-                x, aux_k=tc.aux_k, aux_coef=tc.aux_coef, dead_tokens=tc.dead_tokens, momentum=tc.threshold_momentum
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if step % tc.log_every == 0 or step == tc.steps:
-                row = {k: v.tolist() for k, v in stats.items()}  # sync: logging
-                row.update(step=step, loss=float(loss), lr=sched.get_last_lr()[0], s=time.perf_counter() - t0)
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                fve = " ".join(f"{n} {v:.3f}" for n, v in zip(names, row["fve"]))
-                print(f"train {step:6d}/{tc.steps} | mse {row['mse']:.4f} | aux {row.get('aux', 0):.3f} | "
-                      f"l0 {row['l0']:.1f} | dead {row['dead']:.3f} | fve {fve} | {row['s']:.0f}s", flush=True)  # fmt: skip
+    with (out / "metrics.jsonl").open("w") as log:
+        fit(model, lambda: next(batches), tc, log=log, names=names)
 
     ev = evaluate(model, held)
     r = model.relative_norms(n_layers)
