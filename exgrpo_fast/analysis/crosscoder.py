@@ -268,7 +268,6 @@ class Steer:
     log: LogConfig = field(default_factory=LogConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
     config: str = ""
     """TOML file with sections named like the flags' (flags override it)."""
 

@@ -151,7 +151,8 @@ def report(cfg) -> dict:
     out = root / "report"
     out.mkdir(parents=True, exist_ok=True)
 
-    stats = scan(model, store, contexts=rc.contexts, batch_size=rc.batch_size, max_tokens=rc.max_tokens)
+    # 4x the candidates: dialogues share openings ("<|user|>Sam has"), so many top contexts read the same
+    stats = scan(model, store, contexts=4 * rc.contexts, batch_size=rc.batch_size, max_tokens=rc.max_tokens)
     n_tok = stats["tokens"]
     freq = stats["fired"] / max(n_tok, 1)
     live = stats["fired"] > 0
@@ -174,12 +175,15 @@ def report(cfg) -> dict:
     latents = {}
     for side, ids in picks.items():
         for i in ids:
-            ctx = []
+            ctx, seen = [], set()
             for v, key in zip(stats["top_val"][:, i].tolist(), stats["top_key"][:, i].tolist()):
-                if v <= 0:
+                if v <= 0 or len(ctx) == rc.contexts:
                     continue
-                ctx.append({"act": v, "text": _context(tokenizer, shard_labels[key >> 32], key & 0xFFFFFFFF,
-                                                       rc.context_before, rc.context_after)})  # fmt: skip
+                text = _context(tokenizer, shard_labels[key >> 32], key & 0xFFFFFFFF, rc.context_before,
+                                rc.context_after)  # fmt: skip
+                if text not in seen:
+                    seen.add(text)
+                    ctx.append({"act": v, "text": text})
             latents[i] = {"side": side, "r": float(r[i]), "cos": float(cos[i]), "freq": float(freq[i]),
                           "class": cls[i], "contexts": ctx}  # fmt: skip
 
