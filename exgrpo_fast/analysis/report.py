@@ -232,6 +232,7 @@ def report(cfg) -> dict:
 
 def _markdown(res: dict, la: str, lb: str, names: list[str]) -> str:
     t, c = res["train"], res["counts"]
+    name = {"A-only": f"{la}-only", "B-only": f"{lb}-only", "shared": "shared"}
     lines = [f"# Crosscoder report: {la} vs {lb}", ""]
     lines += [f"Models: {la} = `{res['models']['a']['path']}`, {lb} = `{res['models']['b']['path']}`; layers "
               f"{res['layers']}; {res['tokens_scanned']} tokens scanned.", ""]  # fmt: skip
@@ -258,7 +259,7 @@ def _markdown(res: dict, la: str, lb: str, names: list[str]) -> str:
         for i, info in res["latents"].items():
             if info["side"] != side:
                 continue
-            lines.append(f"- latent {i}: r {info['r']:.3f} ({info['class']}), decoder cosine {info['cos']:.2f}, "
+            lines.append(f"- latent {i}: r {info['r']:.3f} ({name[info['class']]}), decoder cosine {info['cos']:.2f}, "
                          f"fires on {100 * info['freq']:.2f}% of tokens")  # fmt: skip
             for ctx in info["contexts"]:
                 lines.append(f"  - {ctx['act']:.2f}: `{ctx['text']}`")
@@ -266,7 +267,7 @@ def _markdown(res: dict, la: str, lb: str, names: list[str]) -> str:
     lines += ["## Per probe kind", "",
               "Share of each class's firings on the tokens of each exchange kind (user prompt / assistant answer), "
               "against the share of tokens there:", "",
-              "| kind:role | tokens | " + " | ".join(f"{c}" for c in ("A-only", "shared", "B-only")) + " |",
+              "| kind:role | tokens | " + " | ".join(name[c] for c in ("A-only", "shared", "B-only")) + " |",
               "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for seg, share in res["token_share"].items():
         row = [f"{100 * res['class_share'][c].get(seg, 0):.1f}%" for c in ("A-only", "shared", "B-only")]
@@ -274,8 +275,10 @@ def _markdown(res: dict, la: str, lb: str, names: list[str]) -> str:
     lines += ["", "Latents most specific to each kind:role (lift = rate there / overall rate; at least 5 firings):",
               ""]  # fmt: skip
     for seg, rows in res["kinds"].items():
-        items = ", ".join(f"#{x['latent']} ({x['class']}, r {x['r']:.2f}, rate {x['rate']:.2f}, lift {x['lift']:.1f})"
-                          for x in rows[:3])  # fmt: skip
+        items = ", ".join(
+            f"#{x['latent']} ({name[x['class']]}, r {x['r']:.2f}, rate {x['rate']:.2f}, lift {x['lift']:.1f})"
+            for x in rows[:3]
+        )
         lines.append(f"- {seg}: {items}")
     lines += ["", "![kinds](kinds.png)", ""]
     return "\n".join(lines)
