@@ -196,7 +196,7 @@ def report(cfg) -> dict:
     kind_rows = {}
     for g in present:
         lift = rates[:, g] / freq.clamp_min(1e-12)
-        ok = live & (stats["seg_counts"][:, g] >= 5)
+        ok = live & (stats["seg_counts"][:, g] >= 5) & (rates[:, g] >= 0.01)  # rare latents give noisy lifts
         cand = ok.nonzero().flatten()
         best = cand[lift[cand].argsort(descending=True)][:5].tolist()
         kind_rows[segs[g]] = [{"latent": i, "class": cls[i], "r": float(r[i]), "rate": float(rates[i, g]),
@@ -272,7 +272,7 @@ def _markdown(res: dict, la: str, lb: str, names: list[str]) -> str:
     for seg, share in res["token_share"].items():
         row = [f"{100 * res['class_share'][c].get(seg, 0):.1f}%" for c in ("A-only", "shared", "B-only")]
         lines.append(f"| {seg} | {100 * share:.1f}% | " + " | ".join(row) + " |")
-    lines += ["", "Latents most specific to each kind:role (lift = rate there / overall rate; at least 5 firings):",
+    lines += ["", "Latents most specific to each kind:role (lift = rate there / overall rate; rate >= 1%):",
               ""]  # fmt: skip
     for seg, rows in res["kinds"].items():
         items = ", ".join(
