@@ -25,6 +25,7 @@ different settings in the same directory are refused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -260,7 +261,7 @@ def collect(cfg) -> dict:
         "d_model": h_a,
         "dtype": cfg.collect.dtype,
         "kinds": list(KINDS),
-        "data": dataclass_dict(cfg.data),
+        "data": dataclasses.asdict(cfg.data),
         "num_docs": len(stream),
         "num_tokens": sum(len(d["tokens"]) for d in stream),
         "shards": [],
@@ -296,12 +297,6 @@ def collect(cfg) -> dict:
     print(f"collect | {manifest['num_tokens']} tokens x {len(manifest['sources'])} sources x {h_a} | layers "
           f"{layers} | {len(plan)} shards ({skipped} already done) | {out}", flush=True)  # fmt: skip
     return manifest
-
-
-def dataclass_dict(obj) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 # ----------------------------------------------------------------------------------------------------------------

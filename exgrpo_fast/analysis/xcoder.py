@@ -27,6 +27,7 @@ kernel would not pay for itself; the torch path is the only path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -373,16 +374,10 @@ def train(cfg) -> dict:
         "relative_norm_mean": float(r[alive].mean()) if bool(alive.any()) else math.nan,
         "train_s": time.perf_counter() - t0,
     }
-    meta = {"train": dataclass_to_dict(tc), "manifest": store.manifest, "summary": summary}
+    meta = {"train": dataclasses.asdict(tc), "manifest": store.manifest, "summary": summary}
     save_crosscoder(out / "crosscoder.safetensors", model, meta)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     fve = " ".join(f"{n} {v:.3f}" for n, v in summary["fve"].items())
     print(f"train | eval {summary['eval_tokens']} tokens | fve {fve} | l0 {summary['l0']:.1f} | dead "
           f"{summary['dead_fraction']:.3f} | {out / 'crosscoder.safetensors'}", flush=True)  # fmt: skip
     return summary
-
-
-def dataclass_to_dict(obj) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
