@@ -293,8 +293,8 @@ class Run:
 def load_data(cfg: TrainConfig, run_dir: Path) -> tuple[list[Problem], dict[str, list[Problem]]]:
     """(train problems, held-out splits) as plain lists: datasets only at the edges (files, the probe cache)."""
     if not cfg.data.train_path:
-        splits = builtin_splits(cfg.data.n_train, cfg.data.n_test, seed=cfg.data.seed)
-        return splits["train"], {s: splits[s] for s in ("test_id", "test_ood")}
+        splits = builtin_splits(cfg.data.n_train, cfg.data.n_test, seed=cfg.data.seed, ood_splits=cfg.data.ood_splits)
+        return splits["train"], {s: v for s, v in splits.items() if s != "train"}
     problems = [Problem.from_dict(row) for row in load_problems(cfg.data.train_path, on_error=cfg.data.on_error)]
     if any(not p.probes for p in problems) and cfg.data.num_probes > 0:
         if not cfg.model.teacher_path:
@@ -415,7 +415,9 @@ def sft_step(run: Run, step: int, update: OptimizerStep) -> dict:
     cfg = run.cfg
     rng = step_rng(cfg.seed, "sft", step)
     idx = rng.choice(len(run.problems), size=min(cfg.sft.batch_size, len(run.problems)), replace=False)
-    seqs = [encode_dialogue(run.tokenizer, sft_dialogue(run.problems[i])) for i in idx[run.rank :: run.world]]
+    include = cfg.sft.use_probes  # False: vanilla fine-tuning on question -> rationale + answer
+    seqs = [encode_dialogue(run.tokenizer, sft_dialogue(run.problems[i], include_probes=include))
+            for i in idx[run.rank :: run.world]]  # fmt: skip
     batches = pack_sequences(seqs, cfg.data.token_budget)
     total = sum(b.loss_labels.numel() for b in batches)  # host ints: no sync
     loss_sum = torch.zeros((), device=run.device)

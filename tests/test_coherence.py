@@ -14,45 +14,45 @@ def _problems():
 
 def test_gold_dialogue_is_coherent():
     for p in _problems():
-        meta = json.loads(p["meta"])
-        for i, probe in enumerate(p["probes"]):
-            if probe["kind"] == "explain":
+        meta = json.loads(p.meta)
+        for i, probe in enumerate(p.probes):
+            if probe.kind == "explain":
                 continue
-            assert probe_coherence(meta, i, p["answer"], probe["answer"]) == 1.0, (p["question"], probe)
+            assert probe_coherence(meta, i, p.answer, probe.answer) == 1.0, (p.question, probe)
 
 
 @pytest.mark.parametrize("shift", [-2, 1, 5])
 def test_coherence_follows_the_students_own_answer(shift):
     """A wrong main answer M = gold + shift: the probe answers it implies are coherent, the gold ones are not."""
     for p in _problems():
-        meta = json.loads(p["meta"])
-        main = int(p["answer"]) + shift
-        for i, probe in enumerate(p["probes"]):
-            kind, params = probe["kind"], meta["probes"][i]
+        meta = json.loads(p.meta)
+        main = int(p.answer) + shift
+        for i, probe in enumerate(p.probes):
+            kind, params = probe.kind, meta["probes"][i]
             if kind == "explain":
                 continue
             if kind in ("counterfactual", "step"):
-                implied = str(int(probe["answer"]) + shift)
+                implied = str(int(probe.answer) + shift)
                 assert probe_coherence(meta, i, str(main), implied) == 1.0
-                assert probe_coherence(meta, i, str(main), probe["answer"]) == 0.0
+                assert probe_coherence(meta, i, str(main), probe.answer) == 0.0
             elif kind == "verify":
                 implied = "yes" if params["candidate"] == main else "no"
                 assert probe_coherence(meta, i, str(main), implied) == 1.0
                 assert probe_coherence(meta, i, str(main), {"yes": "no", "no": "yes"}[implied]) == 0.0
             else:  # inverse: consistency with the final amount the probe itself states (independent of M)
-                assert probe_coherence(meta, i, str(main), probe["answer"]) == 1.0
-                assert probe_coherence(meta, i, str(main), str(int(probe["answer"]) + 1)) == 0.0
+                assert probe_coherence(meta, i, str(main), probe.answer) == 1.0
+                assert probe_coherence(meta, i, str(main), str(int(probe.answer) + 1)) == 0.0
 
 
 def test_unparseable_answers_are_incoherent():
     p = make_problems("train", 20, seed=1)
     for prob in p:
-        meta = json.loads(prob["meta"])
-        for i, probe in enumerate(prob["probes"]):
-            if probe["kind"] in ("counterfactual", "step", "verify"):
-                assert probe_coherence(meta, i, None, probe["answer"]) == 0.0
-            if probe["kind"] != "explain":
-                assert probe_coherence(meta, i, prob["answer"], None) == 0.0
+        meta = json.loads(prob.meta)
+        for i, probe in enumerate(prob.probes):
+            if probe.kind in ("counterfactual", "step", "verify"):
+                assert probe_coherence(meta, i, None, probe.answer) == 0.0
+            if probe.kind != "explain":
+                assert probe_coherence(meta, i, prob.answer, None) == 0.0
 
 
 def test_availability_and_errors():

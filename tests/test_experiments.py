@@ -73,3 +73,17 @@ def test_run_paper_writes_table_and_resumes(tmp_path):
     # resumable: a second call trains nothing and gives the same table
     assert run_paper(cfg, train_fn, build_cfg) == table
     assert len(calls) == n_cells
+
+
+def test_every_cell_is_a_valid_trainer_config():
+    """The grid's overrides name real config fields with valid values (the fakes above would not notice)."""
+    from exgrpo_fast.config import config_from_overrides
+    from exgrpo_fast.experiments import _preset_overrides
+
+    for preset in ("cpu", "gpu"):
+        for c in paper_cells(ExperimentConfig(preset=preset), 2048):
+            overrides = {**_preset_overrides(preset), **c.overrides}
+            if c.start_from:
+                overrides["model.path"] = "somewhere/sft-000150"
+            cfg = config_from_overrides(overrides)
+            assert cfg.seed == c.seed
