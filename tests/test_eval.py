@@ -5,6 +5,7 @@ seeded held-out split and OOD file."""
 import dataclasses
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -45,8 +46,34 @@ BOOKKEEPING = {"stage", "step", "global_step", "time", "tag", "ckpt", "n", "max_
 
 
 def test_eval_cli_defaults_reproduce_final_eval(tmp_path, capsys):
-    """Train a test-preset run with rollout.max_new_tokens 0 (auto); the eval CLI on its final checkpoint, with no
-    options, writes the same metrics, to the last digit, as the run's final eval row in metrics.jsonl."""
+    """Train a test-preset run; the eval CLI on its final checkpoint, with no options, writes the same metrics, to
+    the last digit, as the run's final eval row in metrics.jsonl (same splits, reward, max_new_tokens, batch)."""
+    from exgrpo_fast import config as C
+    from exgrpo_fast import train as T
+
+    cfg = C.preset_test()
+    run_dir = tmp_path / "run"
+    T.train(cfg.validate(), run_dir=str(run_dir))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    final = [r for r in rows if r["stage"] == "eval" and r["tag"] == "final"]
+    assert len(final) == 1
+    ckpt = run_dir / "checkpoints" / f"grpo-{cfg.grpo.steps:06d}"
+    E.main([str(ckpt)])
+    data = json.loads((ckpt / "eval.json").read_text())
+    metrics = {k: v for k, v in final[0].items() if k not in BOOKKEEPING}
+    assert {"acc_id", "acc_ood", "probe_acc_id", "reward_id", "reward_ood"} <= metrics.keys()
+    assert {k: v for k, v in data.items() if k not in BOOKKEEPING} == metrics
+    assert (data["n"], data["max_new_tokens"]) == (cfg.log.eval_n, cfg.rollout.max_new_tokens)
+    # an explicit option overrides the run's value
+    capsys.readouterr()
+    E.main([str(ckpt), "--n", "2", "--max_new_tokens", "5", "--out", str(tmp_path / "e2.json")])
+    assert json.loads((tmp_path / "e2.json").read_text())["n"] == 2
+    assert "max_new_tokens 5" in capsys.readouterr().out
+
+
+def test_auto_max_new_tokens_in_the_trainer_and_the_eval_cli(tmp_path, capsys):
+    """rollout.max_new_tokens 0: the run samples with the longest reference reply + 8 (its header says so, the
+    saved config keeps 0), and the eval CLI on the run's checkpoint measures the same value."""
     from exgrpo_fast import config as C
     from exgrpo_fast import train as T
     from exgrpo_fast.data.lengths import auto_max_new_tokens
@@ -55,28 +82,15 @@ def test_eval_cli_defaults_reproduce_final_eval(tmp_path, capsys):
 
     cfg = C.preset_test()
     cfg.rollout.max_new_tokens = 0
-    run_dir = tmp_path / "run"
-    summary = T.train(cfg.validate(), run_dir=str(run_dir))
-    header = capsys.readouterr().out
-    splits = builtin_splits(cfg.data.n_train, cfg.data.n_test, seed=cfg.data.seed)
-    auto = auto_max_new_tokens(build_tiny_tokenizer(), splits)
-    assert f"max_new_tokens {auto} (auto)" in header
-
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    final = [r for r in rows if r["stage"] == "eval" and r["tag"] == "final"]
-    assert len(final) == 1
-    ckpt = run_dir / "checkpoints" / f"grpo-{cfg.grpo.steps:06d}"
-    assert ckpt.is_dir() and summary
-    E.main([str(ckpt)])
-    data = json.loads((ckpt / "eval.json").read_text())
-    metrics = {k: v for k, v in final[0].items() if k not in BOOKKEEPING}
-    assert {"acc_id", "acc_ood", "probe_acc_id", "reward_id", "reward_ood"} <= metrics.keys()
-    assert {k: v for k, v in data.items() if k not in BOOKKEEPING} == metrics
-    assert data["n"] == cfg.log.eval_n and data["max_new_tokens"] == auto
-    # an explicit option overrides the run's value
-    E.main([str(ckpt), "--n", "2", "--max_new_tokens", "5", "--out", str(tmp_path / "e2.json")])
-    assert json.loads((tmp_path / "e2.json").read_text())["n"] == 2
-    assert "max_new_tokens 5" in capsys.readouterr().out
+    auto = auto_max_new_tokens(build_tiny_tokenizer(), builtin_splits(16, 4, seed=0))
+    run, *_ = T.setup_run(cfg.validate(), None, str(tmp_path / "run"), None)
+    assert run.cfg.rollout.max_new_tokens == auto > 8
+    assert f"max_new_tokens {auto} (auto)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["rollout"]["max_new_tokens"] == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "sft-000000"
+    shutil.copytree(tmp_path / "run" / "init_model", ckpt)
+    E.main([str(ckpt), "--n", "1", "--batch_size", "2"])
+    assert json.loads((ckpt / "eval.json").read_text())["max_new_tokens"] == auto
 
 
 def test_eval_config_from_saved_run_and_flags():
