@@ -237,3 +237,11 @@ def test_ood_path_is_the_test_ood_split(tmp_path):
     ood = _write_jsonl(tmp_path / "ood2.jsonl", data["test_ood"][:2])
     m = E.main([str(ckpt), "--n", "2", "--max_new_tokens", "4", "--ood_path", ood, "--out", str(tmp_path / "o.json")])
     assert "acc_ood" in m and "acc_id" in m
+
+
+def test_max_new_tokens_zero_is_valid_negative_is_not():
+    from exgrpo_fast import config as C
+
+    C.parse_args(["--rollout.max_new_tokens", "0"])
+    with pytest.raises(ConfigError, match="rollout.max_new_tokens=-1"):
+        C.parse_args(["--rollout.max_new_tokens", "-1"])
