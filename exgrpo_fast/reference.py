@@ -31,8 +31,8 @@ ADV_SCALES = ("group", "batch", "none")
 # log-probs
 
 
-IGNORE_INDEX = -100
-"""Label value of a token that does not count (Hugging Face's ignore index): logp 0, entropy 0, zero gradient."""
+# IGNORE_INDEX (-100, from loss_spec): the label of a token that does not count (Hugging Face's ignore index):
+# logp 0, entropy 0, zero gradient.
 
 
 def live_rows(labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

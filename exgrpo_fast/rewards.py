@@ -3,8 +3,11 @@
     total = task_weight * r_task + probe_weight * mean_k r_k + dsu_weight * DSU + format_weight * r_format
 
 r_task: the first response's answer matches the gold answer. r_k: the k-th checkable probe's answer matches its
-reference (a missing response counts wrong). DSU pays for coherence across the dialogue, only when the final answer
-is right: "product" (default) r_task * mean_k r_k, or "all": 1 when the answer and every probe are right. With no
+reference (a missing response counts wrong). DSU (RewardConfig.dsu_mode) rewards a dialogue that holds together:
+"correct" (default) r_task * mean_k r_k; "coherent" mean_k c_k, where c_k says whether probe k's answer is what the
+student's OWN main answer implies (data/coherence.py: a counterfactual answer moved from its own answer by the
+changed premise, a verdict matching its own answer, an intermediate step consistent with its own answer), whatever
+the truth; "coherent_correct" r_task * mean_k c_k; "all" 1 when the answer and every probe are right. With no
 checkable probe there is no dialogue structure to reward and DSU is 0. r_format: fraction of responses with a
 parseable answer. Every term is returned separately so the trainer logs each.
 """
@@ -16,8 +19,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Literal
 
-from exgrpo_fast.data.problem import Problem, as_problem, checkable_probes
+from exgrpo_fast.data.coherence import coherence_available, probe_coherence
+from exgrpo_fast.data.problem import Problem, as_problem
 
 _ANSWER = re.compile(r"\banswer[ \t]*:[ \t]*([^\n<]*)", re.IGNORECASE)  # "Answer: X" (our format)
 _ANSWER_IS = re.compile(r"\banswer[ \t]+is[ \t]*:?[ \t]*([^\n<]*)", re.IGNORECASE)  # "the answer is X"
@@ -81,6 +86,9 @@ def answers_match(pred: str | None, gold: str | None) -> bool:
     return norm(pred) == norm(gold)
 
 
+DSU_MODES = ("correct", "coherent", "coherent_correct", "all")
+
+
 @dataclass
 class RewardConfig:
     """Weights of the reward terms."""
@@ -93,16 +101,19 @@ class RewardConfig:
     """Weight of the Dialogue Structure Utility bonus."""
     format_weight: float = 0.0
     """Weight of the fraction of responses with a parseable answer."""
-    dsu_mode: str = "product"
-    """"product": r_task * mean probe correctness; "all": 1 only when the answer and every probe are right."""
+    dsu_mode: Literal["correct", "coherent", "coherent_correct", "all"] = "correct"
+    """Dialogue Structure Utility bonus. "correct": r_task * mean probe correctness; "coherent": mean over probes of
+    whether the student's probe answer is consistent with its OWN main answer (data.coherence; independent of the
+    gold answer; problems without a symbolic chain fall back to probe correctness); "coherent_correct": r_task *
+    coherence; "all": 1 only when the answer and every probe are right."""
 
     def __post_init__(self) -> None:
         for name in ("task_weight", "probe_weight", "dsu_weight", "format_weight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"RewardConfig.{name}={v!r}: expected a finite number >= 0")
-        if self.dsu_mode not in ("product", "all"):
-            raise ValueError(f"RewardConfig.dsu_mode={self.dsu_mode!r}: expected 'product' or 'all'")
+        if self.dsu_mode not in DSU_MODES:
+            raise ValueError(f"RewardConfig.dsu_mode={self.dsu_mode!r}: expected one of {DSU_MODES}")
 
 
 def score_dialogue(problem: Problem | Mapping, responses: list[str], cfg: RewardConfig | None = None) -> dict:
@@ -112,24 +123,35 @@ def score_dialogue(problem: Problem | Mapping, responses: list[str], cfg: Reward
     if not responses:
         raise ValueError("responses is empty: a dialogue needs at least the answer to the question")
     problem = as_problem(problem)
-    probes = checkable_probes(problem)
-    task = float(answers_match(extract_answer(responses[0]), problem.answer))
-    probe_right = []
+    main = extract_answer(responses[0])
+    task = float(answers_match(main, problem.answer))
+    symbolic = coherence_available(problem.meta)
+    probe_right, coherent = [], []
     per_kind: dict[str, list[float]] = {}
-    for k, p in enumerate(probes):
-        reply = responses[k + 1] if k + 1 < len(responses) else None
-        ok = float(answers_match(extract_answer(reply), p.answer))
+    k = 0
+    for index, p in enumerate(problem.probes):  # index in the problem's probes (meta's order, explain included)
+        if p.kind == "explain":
+            continue
+        k += 1
+        reply = extract_answer(responses[k]) if k < len(responses) else None
+        ok = float(answers_match(reply, p.answer))
         probe_right.append(ok)
+        coherent.append(probe_coherence(problem.meta, index, main, reply) if symbolic else ok)
         per_kind.setdefault(p.kind, []).append(ok)
     probe = sum(probe_right) / len(probe_right) if probe_right else 0.0
+    coherence = sum(coherent) / len(coherent) if coherent else 0.0
     if not probe_right:
         dsu = 0.0
-    elif cfg.dsu_mode == "product":
+    elif cfg.dsu_mode == "correct":
         dsu = task * probe
-    else:
+    elif cfg.dsu_mode == "coherent":
+        dsu = coherence
+    elif cfg.dsu_mode == "coherent_correct":
+        dsu = task * coherence
+    else:  # all
         dsu = float(task == 1.0 and all(probe_right))
     fmt = sum(extract_answer(r) is not None for r in responses) / len(responses)
     total = cfg.task_weight * task + cfg.probe_weight * probe + cfg.dsu_weight * dsu + cfg.format_weight * fmt
-    out = {"total": total, "task": task, "probe": probe, "dsu": dsu, "format": fmt}
+    out = {"total": total, "task": task, "probe": probe, "dsu": dsu, "coherence": coherence, "format": fmt}
     out.update({f"probe_{kind}": sum(v) / len(v) for kind, v in per_kind.items()})
     return out

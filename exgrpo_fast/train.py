@@ -294,11 +294,11 @@ class Run:
 
 def load_data(cfg: TrainConfig, run_dir: Path) -> tuple[list[Problem], dict[str, list[Problem]]]:
     """(train problems, held-out splits) as plain lists: datasets only at the edges (files, the probe cache).
-    Built-in: every held-out split of data.tasks. data.train_path: test_id is min(data.n_test, rows // 5) rows drawn
-    by a shuffle seeded with data.seed (the rest train, in file order). data.ood_path: its first data.n_test rows are
-    test_ood (replacing the built-in one)."""
+    Built-in: test_id and the data.ood_splits of data.tasks. data.train_path: test_id is min(data.n_test, rows // 5)
+    rows drawn by a shuffle seeded with data.seed (the rest train, in file order). data.ood_path: its first
+    data.n_test rows are test_ood (replacing the built-in one)."""
     if not cfg.data.train_path:
-        splits = builtin_splits(cfg.data.n_train, cfg.data.n_test, seed=cfg.data.seed)
+        splits = builtin_splits(cfg.data.n_train, cfg.data.n_test, seed=cfg.data.seed, ood_splits=cfg.data.ood_splits)
         train, held_out = splits.pop("train"), splits
     else:
         problems = _user_problems(cfg, cfg.data.train_path, run_dir)
@@ -433,7 +433,9 @@ def sft_step(run: Run, step: int, update: OptimizerStep) -> dict:
     cfg = run.cfg
     rng = step_rng(cfg.seed, "sft", step)
     idx = rng.choice(len(run.problems), size=min(cfg.sft.batch_size, len(run.problems)), replace=False)
-    seqs = [encode_dialogue(run.tokenizer, sft_dialogue(run.problems[i])) for i in idx[run.rank :: run.world]]
+    include = cfg.sft.use_probes  # False: vanilla fine-tuning on question -> rationale + answer
+    seqs = [encode_dialogue(run.tokenizer, sft_dialogue(run.problems[i], include_probes=include))
+            for i in idx[run.rank :: run.world]]  # fmt: skip
     batches = pack_sequences(seqs, cfg.data.token_budget)
     total = sum(b.loss_labels.numel() for b in batches)  # host ints: no sync
     loss_sum = torch.zeros((), device=run.device)

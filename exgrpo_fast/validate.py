@@ -130,7 +130,8 @@ def validate_run(cfg, resume: str | None = None, world: int = 1) -> None:
         user_rows += problems
     else:
         n_test = cfg.data.n_test if cfg.rollout.max_new_tokens == 0 else 0  # held-out splits: for auto only
-        splits = builtin_splits(cfg.data.n_train, n_test, seed=cfg.data.seed)
+        ood = getattr(cfg.data, "ood_splits", ("test_ood",))
+        splits = builtin_splits(cfg.data.n_train, n_test, seed=cfg.data.seed, ood_splits=ood if n_test else ())
         problems, source = splits.pop("train"), "built-in tasks"
         held_out = splits
     if getattr(cfg.data, "ood_path", ""):

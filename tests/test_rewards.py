@@ -76,6 +76,7 @@ def test_all_right_pays_full_dsu():
         "task": 1.0,
         "probe": 1.0,
         "dsu": 1.0,
+        "coherence": 1.0,
         "format": 1.0,
         "probe_step": 1.0,
         "probe_verify": 1.0,
@@ -153,3 +154,60 @@ def test_dsu_all_mode_and_extra_responses():
     assert score_dialogue(PROBLEM, right + ["Answer: 3"])["total"] == 2.0  # replies past the probes are ignored
     r = score_dialogue({**PROBLEM, "answer": "1000"}, ["Answer: 1,000.", "7", "No, it is not"])
     assert (r["task"], r["probe"]) == (1.0, 1.0)
+
+
+# ---- DSU modes: coherence with the student's own main answer
+
+
+def _builtin_with(kinds):
+    from exgrpo_fast.data.tasks import make_problems
+
+    for p in make_problems("train", 400, seed=5):
+        if [q.kind for q in p.probes if q.kind != "explain"] == list(kinds):
+            return p
+    raise AssertionError(f"no problem with probes {kinds}")
+
+
+def test_dsu_coherent_rewards_self_consistency_not_truth():
+    import json as _json
+
+    from exgrpo_fast.rewards import RewardConfig, score_dialogue
+
+    p = _builtin_with(("counterfactual", "verify"))
+    meta = _json.loads(p.meta)
+    cf, verify = p.probes[0], p.probes[1]
+    wrong = int(p.answer) + 3  # a wrong main answer, and the probe answers it implies
+    implied_cf = int(cf.answer) + 3
+    implied_verdict = "yes" if meta["probes"][1]["candidate"] == wrong else "no"
+    responses = [f"Answer: {wrong}", f"Answer: {implied_cf}", f"Answer: {implied_verdict}"]
+    coherent = score_dialogue(p, responses, RewardConfig(dsu_mode="coherent"))
+    assert coherent["task"] == 0.0 and coherent["coherence"] == 1.0 and coherent["dsu"] == 1.0
+    assert score_dialogue(p, responses, RewardConfig(dsu_mode="coherent_correct"))["dsu"] == 0.0
+    assert score_dialogue(p, responses, RewardConfig(dsu_mode="correct"))["dsu"] == 0.0
+    # the gold probe answers after a wrong main answer: correct probes, but not what the student's answer implies
+    gold = [f"Answer: {wrong}", f"Answer: {cf.answer}", f"Answer: {verify.answer}"]
+    s = score_dialogue(p, gold, RewardConfig(dsu_mode="coherent"))
+    assert s["probe"] == 1.0 and s["coherence"] < 1.0
+    right = [f"Answer: {p.answer}", f"Answer: {cf.answer}", f"Answer: {verify.answer}"]
+    for mode in ("correct", "coherent", "coherent_correct", "all"):
+        assert score_dialogue(p, right, RewardConfig(dsu_mode=mode))["dsu"] == 1.0
+
+
+def test_dsu_coherent_falls_back_to_correctness_without_a_chain():
+    from exgrpo_fast.data.problem import Probe, Problem
+    from exgrpo_fast.rewards import RewardConfig, score_dialogue
+
+    p = Problem("u1", "What is 2+3?", "5", probes=[Probe("step", "And 2+2?", "4")])
+    s = score_dialogue(p, ["Answer: 5", "Answer: 4"], RewardConfig(dsu_mode="coherent"))
+    assert s["coherence"] == 1.0 and s["dsu"] == 1.0
+    s = score_dialogue(p, ["Answer: 5", "Answer: 9"], RewardConfig(dsu_mode="coherent"))
+    assert s["coherence"] == 0.0
+
+
+def test_dsu_mode_is_validated():
+    import pytest as _pytest
+
+    from exgrpo_fast.rewards import RewardConfig
+
+    with _pytest.raises(ValueError, match="dsu_mode"):
+        RewardConfig(dsu_mode="product")

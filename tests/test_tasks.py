@@ -97,3 +97,79 @@ def test_splits_dataset_dict_and_config_validation():
         ArithConfig(id_steps=(3, 1))
     with pytest.raises(ValueError, match="split"):
         make_problems("dev", 3, seed=0)
+
+
+# ---- probe hygiene and the OOD shifts
+
+# what each checkable kind's question states, and what its answer depends on (by hand, independent of tasks.py)
+_STATES = {"inverse": {"final"}, "counterfactual": set(), "step": set(), "verify": set()}
+_NEEDS = {"inverse": {"start"}, "counterfactual": {"final"}, "step": set(), "verify": {"final"}}
+
+
+def test_no_probe_reveals_what_a_later_turn_asks_for_in_any_ordering():
+    """Every ordering of kinds the teacher can draw: the main question asks for the final amount, and no probe that
+    states a quantity comes before a turn whose answer needs it."""
+    import itertools
+    import random
+
+    from exgrpo_fast.data.tasks import CHECKABLE, ArithConfig, write_probes
+
+    meta0 = {"name": "Tom", "item": "apples", "start": 5, "ops": [["+", 3], ["-", 2]]}
+    seen = set()
+    for k in range(1, len(CHECKABLE) + 1):
+        for kinds in itertools.permutations(CHECKABLE, k):
+            cfg = ArithConfig(num_probes=k, probe_kinds=kinds, include_explain=True)
+            for seed in range(8):
+                probes = write_probes(random.Random(seed), dict(meta0), cfg)
+                order = [p.kind for p in probes if p.kind != "explain"]
+                seen.add(tuple(order))
+                stated: set[str] = set()
+                for kind in order:
+                    assert not (_NEEDS[kind] & stated), (order, kind)
+                    stated |= _STATES[kind]
+                assert probes[-1].kind == "explain"
+    assert any(o[-1] == "inverse" and len(o) > 1 for o in seen)
+
+
+def test_inverse_probe_comes_last_in_generated_problems():
+    from exgrpo_fast.data.tasks import make_problems
+
+    for p in make_problems("train", 200, seed=2) + make_problems("test_ood", 50, seed=2):
+        kinds = [q.kind for q in p.probes if q.kind != "explain"]
+        if "inverse" in kinds:
+            assert kinds[-1] == "inverse"
+            final = f"has {p.answer}."
+            assert all(final not in q.question for q in p.probes[: kinds.index("inverse")])
+
+
+def test_ood_shift_splits():
+    import json
+
+    from exgrpo_fast.data.tasks import ArithConfig, builtin_splits, make_problems
+
+    cfg = ArithConfig()
+    long_ = make_problems("test_ood_long", 60, seed=1)
+    large = make_problems("test_ood_large", 60, seed=1)
+    for p in long_:
+        m = json.loads(p.meta)
+        assert cfg.ood_steps[0] <= len(m["ops"]) <= cfg.ood_steps[1]
+        assert max([m["start"]] + [n for _, n in m["ops"]]) <= cfg.id_max_operand
+    for p in large:
+        m = json.loads(p.meta)
+        assert cfg.id_steps[0] <= len(m["ops"]) <= cfg.id_steps[1]
+        assert max([m["start"]] + [n for _, n in m["ops"]]) > cfg.id_max_operand
+    splits = builtin_splits(4, 3, seed=0, ood_splits=("test_ood_long", "test_ood_large"))
+    assert list(splits) == ["train", "test_id", "test_ood_long", "test_ood_large"]
+    import pytest
+
+    with pytest.raises(ValueError, match="ood_splits"):
+        builtin_splits(4, 3, ood_splits=("train",))
+
+
+def test_vanilla_sft_dialogue_has_no_probes():
+    from exgrpo_fast.data.problem import sft_dialogue
+    from exgrpo_fast.data.tasks import make_problems
+
+    p = make_problems("train", 1, seed=0)[0]
+    assert len(sft_dialogue(p)) == 2 + 2 * len(p.probes)
+    assert len(sft_dialogue(p, include_probes=False)) == 2

@@ -127,11 +127,12 @@ def format_answer(rationale: str, answer: str) -> str:
     return f"{rationale} {ANSWER_PREFIX}{answer}".strip()
 
 
-def sft_dialogue(problem: Problem | Mapping) -> Dialogue:
-    """The teacher's EI dialogue: question -> rationale + answer, then each probe -> its answer (explain included)."""
+def sft_dialogue(problem: Problem | Mapping, *, include_probes: bool = True) -> Dialogue:
+    """The teacher's EI dialogue: question -> rationale + answer, then each probe -> its answer (explain included).
+    include_probes=False: the question and its answer only (vanilla fine-tuning, the paper's baseline)."""
     p = as_problem(problem)
     dialogue = Dialogue().add("user", p.question).add("assistant", format_answer(p.rationale, p.answer))
-    for probe in p.probes:
+    for probe in p.probes if include_probes else []:
         reply = probe.answer if probe.kind == "explain" else f"{ANSWER_PREFIX}{probe.answer}"
         dialogue.add("user", probe.question).add("assistant", reply)
     return dialogue

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 NAMES = ("Tom", "Ann", "Bob", "Eve", "Sam", "Mia", "Leo", "Ida")
 PRONOUNS = {"Tom": "He", "Bob": "He", "Sam": "He", "Leo": "He", "Ann": "She", "Eve": "She", "Mia": "She", "Ida": "She"}
 ITEMS = ("apples", "pens", "cards", "coins", "books", "shells")
+REVEALS_FINAL = ("inverse",)
+"""Probe kinds whose question states the final amount: they come after every turn that asks about it."""
 
 
 @dataclass
@@ -163,6 +165,10 @@ def write_probes(rng: random.Random, meta: dict, cfg: ArithConfig) -> list[Probe
                 candidate = final + rng.randint(1, 3)
             probes.append(Probe(kind, f"Is {candidate} right?", "yes" if candidate == final else "no"))
             params.append({"kind": kind, "candidate": candidate})
+    # hygiene: the inverse probe states the final amount, which counterfactual and verify probes ask about: it goes
+    # after every other checkable probe (stable order otherwise), so no turn reveals what a later turn asks for
+    order = sorted(range(len(probes)), key=lambda i: probes[i].kind in REVEALS_FINAL)
+    probes, params = [probes[i] for i in order], [params[i] for i in order]
     if cfg.include_explain:
         steps = " and ".join(f"{values[i]}{op}{n}={values[i + 1]}" for i, (op, n) in enumerate(ops))
         probes.append(Probe("explain", "Why?", f"Because {steps}."))
@@ -194,17 +200,22 @@ def recompute_probe_answer(meta: dict, index: int) -> str:
     )
 
 
+SPLITS = ("train", "test_id", "test_ood", "test_ood_long", "test_ood_large")
+"""train / test_id share one distribution; the OOD shifts: test_ood longer chains AND larger numbers, test_ood_long
+longer chains of ID-sized numbers, test_ood_large ID-length chains with at least one number above the ID range."""
+
+
 def make_problems(split: str, n: int, *, seed: int, cfg: ArithConfig | None = None) -> list[Problem]:
-    """n problems of split "train", "test_id" or "test_ood", deterministic under seed."""
+    """n problems of a split in SPLITS, deterministic under seed."""
     cfg = cfg or ArithConfig()
-    if split not in ("train", "test_id", "test_ood"):
-        raise ValueError(f"split={split!r}: expected 'train', 'test_id' or 'test_ood'")
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: expected one of {SPLITS}")
     if n < 0:
         raise ValueError(f"n={n}: expected >= 0")
     rng = random.Random(f"{seed}-{split}")
-    ood = split == "test_ood"
-    steps = cfg.ood_steps if ood else cfg.id_steps
-    max_operand = cfg.ood_max_operand if ood else cfg.id_max_operand
+    ood = split.startswith("test_ood")
+    steps = cfg.ood_steps if split in ("test_ood", "test_ood_long") else cfg.id_steps
+    max_operand = cfg.ood_max_operand if split in ("test_ood", "test_ood_large") else cfg.id_max_operand
     problems, seen = [], set()
     attempts = 0
     while len(problems) < n:
@@ -216,6 +227,8 @@ def make_problems(split: str, n: int, *, seed: int, cfg: ArithConfig | None = No
         key = _chain_key(name, item, start, ops)
         if key in seen:
             continue
+        if split == "test_ood_large" and max([start] + [n for _, n in ops]) <= cfg.id_max_operand:
+            continue  # all numbers in the ID range: not a shift
         if not ood and (key % cfg.test_fraction == 0) != (split == "test_id"):
             continue  # the hash reserves 1 in test_fraction chains for test_id: the ID splits never overlap
         seen.add(key)
@@ -237,10 +250,18 @@ def make_problems(split: str, n: int, *, seed: int, cfg: ArithConfig | None = No
 
 
 def builtin_splits(
-    n_train: int, n_test: int, *, seed: int = 0, cfg: ArithConfig | None = None
+    n_train: int,
+    n_test: int,
+    *,
+    seed: int = 0,
+    cfg: ArithConfig | None = None,
+    ood_splits: tuple[str, ...] = ("test_ood",),
 ) -> dict[str, list[Problem]]:
-    """{"train", "test_id", "test_ood"}: lists of built-in problems (n_test in each held-out split)."""
-    sizes = (("train", n_train), ("test_id", n_test), ("test_ood", n_test))
+    """{"train", "test_id", *ood_splits}: lists of built-in problems (n_test in each held-out split)."""
+    bad = [s for s in ood_splits if not s.startswith("test_ood") or s not in SPLITS]
+    if bad:
+        raise ValueError(f"ood_splits has {bad}: expected some of {SPLITS[2:]}")
+    sizes = (("train", n_train), ("test_id", n_test), *((s, n_test) for s in ood_splits))
     return {split: make_problems(split, n, seed=seed, cfg=cfg) for split, n in sizes}
 
 

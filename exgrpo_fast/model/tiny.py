@@ -20,14 +20,35 @@ CHAT_TEMPLATE = (
 
 TINY_PRESETS: dict[str, dict] = {
     # ~0.8M parameters: learns the built-in ID arithmetic in a few minutes on 2 CPU cores.
-    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
     # ~25M parameters: a stronger CPU student, or a quick GPU one.
-    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True),
+    "small": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    ),
     # ~0.5B parameters (20 layers of 1536 with GQA 12/4): the GPU preset and the packing benchmark model.
-    "gpu-0.5b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=20, num_attention_heads=12,
-                     num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False),
+    "gpu-0.5b": dict(
+        hidden_size=1536,
+        intermediate_size=4096,
+        num_hidden_layers=20,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -42,7 +63,11 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
         additional_special_tokens=SPECIAL_TOKENS[4:],
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -54,8 +79,11 @@ def tiny_config(preset: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast
         raise ValueError(f"preset={preset!r}: expected one of {sorted(TINY_PRESETS)}")
     ids = {}
     if tokenizer is not None:
-        ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                   eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>"))
+        ids = dict(
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|end|>"),
+        )
     return LlamaConfig(vocab_size=vocab_size, rms_norm_eps=1e-5, rope_theta=10000.0, **ids, **TINY_PRESETS[preset])
 
 

@@ -1,0 +1,64 @@
+"""Coherence of probe answers with the student's own main answer (the `coherent` DSU modes), on built-in problems."""
+
+import json
+
+import pytest
+
+from exgrpo_fast.data.coherence import coherence_available, parse_number, probe_coherence
+from exgrpo_fast.data.tasks import make_problems
+
+
+def _problems():
+    return make_problems("train", 60, seed=3) + make_problems("test_ood", 30, seed=3)
+
+
+def test_gold_dialogue_is_coherent():
+    for p in _problems():
+        meta = json.loads(p.meta)
+        for i, probe in enumerate(p.probes):
+            if probe.kind == "explain":
+                continue
+            assert probe_coherence(meta, i, p.answer, probe.answer) == 1.0, (p.question, probe)
+
+
+@pytest.mark.parametrize("shift", [-2, 1, 5])
+def test_coherence_follows_the_students_own_answer(shift):
+    """A wrong main answer M = gold + shift: the probe answers it implies are coherent, the gold ones are not."""
+    for p in _problems():
+        meta = json.loads(p.meta)
+        main = int(p.answer) + shift
+        for i, probe in enumerate(p.probes):
+            kind, params = probe.kind, meta["probes"][i]
+            if kind == "explain":
+                continue
+            if kind in ("counterfactual", "step"):
+                implied = str(int(probe.answer) + shift)
+                assert probe_coherence(meta, i, str(main), implied) == 1.0
+                assert probe_coherence(meta, i, str(main), probe.answer) == 0.0
+            elif kind == "verify":
+                implied = "yes" if params["candidate"] == main else "no"
+                assert probe_coherence(meta, i, str(main), implied) == 1.0
+                assert probe_coherence(meta, i, str(main), {"yes": "no", "no": "yes"}[implied]) == 0.0
+            else:  # inverse: consistency with the final amount the probe itself states (independent of M)
+                assert probe_coherence(meta, i, str(main), probe.answer) == 1.0
+                assert probe_coherence(meta, i, str(main), str(int(probe.answer) + 1)) == 0.0
+
+
+def test_unparseable_answers_are_incoherent():
+    p = make_problems("train", 20, seed=1)
+    for prob in p:
+        meta = json.loads(prob.meta)
+        for i, probe in enumerate(prob.probes):
+            if probe.kind in ("counterfactual", "step", "verify"):
+                assert probe_coherence(meta, i, None, probe.answer) == 0.0
+            if probe.kind != "explain":
+                assert probe_coherence(meta, i, prob.answer, None) == 0.0
+
+
+def test_availability_and_errors():
+    assert not coherence_available("")
+    assert not coherence_available({"question": "q"})
+    with pytest.raises(ValueError, match="built-in task"):
+        probe_coherence({}, 0, "1", "1")
+    assert parse_number("3/4") == parse_number("0.75")
+    assert parse_number("seven") is None

@@ -1,0 +1,89 @@
+"""The paper harness: the grid, resumability, intervals and the table, with a fake trainer (the real one is slow)."""
+
+import json
+import types
+
+import pytest
+
+from exgrpo_fast.experiments import ExperimentConfig, mean_ci, paper_cells, run_paper
+
+
+def test_mean_ci():
+    assert mean_ci([0.5]) == (0.5, 0.0)
+    mean, half = mean_ci([0.1, 0.2, 0.3])
+    assert mean == pytest.approx(0.2)
+    assert half == pytest.approx(4.303 * 0.1 / 3**0.5)
+    with pytest.raises(ValueError):
+        mean_ci([])
+
+
+def test_grid_shares_sft_and_covers_the_rows():
+    cfg = ExperimentConfig(seeds=(0, 1, 2))
+    cells = paper_cells(cfg, 2048)
+    names = {c.name for c in cells}
+    for c in cells:
+        if c.start_from:
+            assert c.start_from in names and c.overrides["sft.steps"] == 0
+    rows = {c.row for c in cells if c.row}
+    assert {"vanilla FT", "EI SFT", "EI SFT + GRPO (no probes)"} <= rows
+    assert {f"EI SFT + ExGRPO [{m}]" for m in cfg.dsu_modes} <= rows
+    assert sum(r.startswith("EI SFT + ExGRPO @") for r in rows) == 3  # 10, 25, 50 %
+    assert len(cells) == 3 * (1 + 4 + 1 + 3 + 3)
+    only = paper_cells(ExperimentConfig(seeds=(0,), only=("grpo-no-probes",)), 2048)
+    assert [c.name for c in only] == ["ei-sft-100pct-s0", "grpo-no-probes-s0"]
+
+
+def _fake(tmp_path):
+    calls = []
+
+    def build_cfg(overrides):
+        return types.SimpleNamespace(
+            data=types.SimpleNamespace(n_train=overrides.get("data.n_train", 64)), overrides=overrides
+        )
+
+    def train_fn(cfg, run_dir):
+        calls.append(run_dir)
+        o = cfg.overrides
+        acc = 0.1 * o["seed"] + (0.3 if o.get("sft.steps") == 0 else 0.2)
+        from pathlib import Path
+
+        d = Path(run_dir)
+        (d / "checkpoints" / "sft-000010").mkdir(parents=True)
+        (d / "summary.json").write_text(
+            json.dumps({"final_acc_id": acc, "final_probe_acc_id": acc / 2, "untrained_acc_id": 0.0, "wall_s": 1.0})
+        )
+
+    return calls, build_cfg, train_fn
+
+
+def test_run_paper_writes_table_and_resumes(tmp_path):
+    calls, build_cfg, train_fn = _fake(tmp_path)
+    cfg = ExperimentConfig(seeds=(0, 1), fractions=(0.5, 1.0), dsu_modes=("correct",), out_dir=str(tmp_path))
+    table = run_paper(cfg, train_fn, build_cfg)
+    n_cells = len(calls)
+    assert n_cells == 2 * (1 + 2 + 1 + 1 + 1)
+    by_row = {r["row"]: r for r in table}
+    assert by_row["zero-shot"]["acc_id"] == (0.0, 0.0)
+    mean, half = by_row["EI SFT"]["acc_id"]
+    assert mean == pytest.approx(0.25) and half == pytest.approx(12.706 * (0.1 / 2**0.5) / 2**0.5)
+    assert by_row["EI SFT + ExGRPO [correct]"]["acc_id"][0] == pytest.approx(0.35)
+    text = (tmp_path / "paper.md").read_text()
+    assert "| EI SFT + ExGRPO [correct] | 2 |" in text
+    assert (tmp_path / "paper.png").stat().st_size > 1000
+    # resumable: a second call trains nothing and gives the same table
+    assert run_paper(cfg, train_fn, build_cfg) == table
+    assert len(calls) == n_cells
+
+
+def test_every_cell_is_a_valid_trainer_config():
+    """The grid's overrides name real config fields with valid values (the fakes above would not notice)."""
+    from exgrpo_fast.config import config_from_overrides
+    from exgrpo_fast.experiments import _preset_overrides
+
+    for preset in ("cpu", "gpu"):
+        for c in paper_cells(ExperimentConfig(preset=preset), 2048):
+            overrides = {**_preset_overrides(preset), **c.overrides}
+            if c.start_from:
+                overrides["model.path"] = "somewhere/sft-000150"
+            cfg = config_from_overrides(overrides)
+            assert cfg.seed == c.seed
