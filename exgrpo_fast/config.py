@@ -74,13 +74,17 @@ class DataConfig:
     seed: int = 0
     """Seed of the built-in problem generator."""
     train_path: str = ""
-    """User problems (JSONL / Parquet / CSV, see exgrpo_fast.data.sources); "" = built-in tasks."""
+    """User problems (JSONL / Parquet / CSV, see exgrpo_fast.data.sources); "" = built-in tasks. Its test_id split:
+    min(data.n_test, rows // 5) rows drawn by a shuffle seeded with data.seed; the rest train."""
+    ood_path: str = ""
+    """User problems held out as split test_ood (read and checked like data.train_path, never trained on; the
+    first data.n_test rows; replaces a built-in test_ood); "" = none (the built-in data.ood_splits only)."""
     num_probes: int = 2
     """Explanatory probes per problem (K) written by the teacher when problems carry none."""
     cache_dir: str = ""
     """Where teacher-written probes are cached; "" = <run_dir>/probe_cache."""
     on_error: Literal["raise", "skip"] = "raise"
-    """A bad row in data.train_path: "raise" stops with its file and line; "skip" leaves it out (count logged)."""
+    """A bad row in data.train_path or data.ood_path: "raise" stops with its file and line; "skip" leaves it out (count logged)."""
     token_budget: int = 4096
     """Max tokens per packed micro-batch (SFT, log-prob and policy passes); bounds activation memory."""
     ood_splits: tuple[str, ...] = ("test_ood",)
@@ -129,6 +133,10 @@ class GRPOConfig:
 class RolloutConfig(SamplingParams):
     """rollout.SamplingParams (temperature, top_p, max_new_tokens, stop_check_every) plus the sampling batch."""
 
+    max_new_tokens: int = 48
+    """Max tokens the student writes per turn (end-of-turn included); 0 = auto: the longest reference reply of the
+    training and held-out problems plus 8 (exgrpo_fast.data.lengths). A value that cuts more than 1% of a split's
+    reference replies logs a warning naming the split."""
     batch_size: int = 64
     """Dialogues sampled together (rows of one KV cache)."""
 
@@ -223,12 +231,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not (cfg.model.device == "auto" or cfg.model.device.split(":")[0] in ("cpu", "cuda")):
         _fail("model.device", cfg.model.device, "expected auto, cpu, cuda or cuda:N")
     for name in ("data.n_train", "data.n_test", "sft.batch_size", "grpo.problems_per_step", "grpo.updates_per_batch",
-                 "rollout.max_new_tokens", "rollout.stop_check_every", "rollout.batch_size", "data.token_budget",
+                 "rollout.stop_check_every", "rollout.batch_size", "data.token_budget",
                  "log.log_every"):  # fmt: skip
         positive(name, _get(cfg, name))
     for name in ("data.num_probes", "sft.steps", "sft.warmup_steps", "grpo.steps", "grpo.warmup_steps",
                  "sft.lr", "grpo.lr", "optim.weight_decay", "optim.grad_clip", "log.eval_n", "log.eval_every",
-                 "log.ckpt_every", "log.keep_last", "rollout.temperature", "grpo.adv_eps"):  # fmt: skip
+                 "log.ckpt_every", "log.keep_last", "rollout.temperature", "grpo.adv_eps",
+                 "rollout.max_new_tokens"):  # fmt: skip
         positive(name, _get(cfg, name), zero_ok=True)
     if cfg.grpo.group_size < 2:
         _fail("grpo.group_size", cfg.grpo.group_size, "expected >= 2 (advantages are relative within a group)")
@@ -458,26 +467,31 @@ class TrainArgs:
 
 @dataclass
 class EvalArgs:
-    """Greedy evaluation of a checkpoint on the held-out splits (python -m exgrpo_fast.eval CKPT)."""
+    """Greedy evaluation of a checkpoint on the held-out splits (python -m exgrpo_fast.eval CKPT). Every option left
+    unset takes its value from the run that wrote the checkpoint (the config.json of the run dir above it), so the
+    defaults reproduce the run's own evals; without one, from the trainer's defaults (TrainConfig())."""
 
     ckpt: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="CKPT")]
     """HF checkpoint dir (or a run dir: its newest checkpoint)."""
-    n: int = 64
-    """Problems per held-out split."""
-    seed: int = 0
-    """Seed of the built-in problem generator."""
-    data: str = ""
-    """User problems file (JSONL / Parquet / CSV) evaluated as test_id; "" = the built-in splits."""
-    max_new_tokens: int = 24
-    """Max tokens the student writes per turn."""
-    batch_size: int = 64
-    """Dialogues per KV cache."""
+    n: int | None = None
+    """Problems per held-out split; default: the run's log.eval_n."""
+    seed: int | None = None
+    """Seed of the built-in problem generator and of the user-data split; default: the run's data.seed."""
+    data: str | None = None
+    """User problems file (JSONL / Parquet / CSV) whose held-out rows are test_id (see data.train_path); "" = the
+    built-in splits; default: the run's data.train_path."""
+    ood_path: str | None = None
+    """User problems file evaluated as test_ood (see data.ood_path); default: the run's data.ood_path."""
+    max_new_tokens: int | None = None
+    """Max tokens the student writes per turn (0 = auto from the data); default: the run's rollout.max_new_tokens."""
+    batch_size: int | None = None
+    """Dialogues per KV cache; default: the run's rollout.batch_size."""
     probes: bool = True
     """Ask the probes after the question (--no_probes: the question only)."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Parameter / compute dtype."""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """Parameter / compute dtype; default: the run's model.dtype."""
     out: str = ""
     """JSON output path; "" = CKPT/eval.json."""
 
@@ -590,3 +604,35 @@ def config_from_overrides(overrides: Mapping[str, Any]) -> TrainConfig:
 def parse_eval_args(argv: list[str] | None = None) -> EvalArgs:
     """The eval command line (see EvalArgs)."""
     return cli(EvalArgs, sys.argv[1:] if argv is None else list(argv), prog="python -m exgrpo_fast.eval")
+
+
+def find_run_config(ckpt: str | Path) -> tuple[dict, Path] | None:
+    """(saved TrainConfig dict, run dir) of the run a checkpoint belongs to: its config.json in the checkpoint dir
+    itself only when it is a run config (a checkpoint dir's own config.json is the model's), else in the dirs above
+    it; None when there is none."""
+    ckpt = Path(ckpt)
+    for cand in (ckpt, ckpt.parent, ckpt.parent.parent):
+        path = cand / "config.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if isinstance(saved, dict) and {"data", "rollout", "reward"} <= saved.keys():
+                return saved, cand
+    return None
+
+
+def eval_config(args: EvalArgs, saved: Mapping | None) -> TrainConfig:
+    """The TrainConfig an eval runs under: the run's saved config (or TrainConfig()) with the eval options that
+    were set; the eval's problems per split are its log.eval_n (data.n_test raised to it for built-in data)."""
+    cfg = from_dict(saved) if saved is not None else TrainConfig()
+    overrides = {"log.eval_n": args.n, "data.seed": args.seed, "data.train_path": args.data,
+                 "data.ood_path": args.ood_path, "rollout.max_new_tokens": args.max_new_tokens,
+                 "rollout.batch_size": args.batch_size, "model.dtype": args.dtype}  # fmt: skip
+    apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
+    if not cfg.data.train_path:
+        cfg.data.n_test = max(cfg.data.n_test, cfg.log.eval_n)
+    for name in ("log.eval_n", "rollout.batch_size"):
+        if _get(cfg, name) < 1:
+            _fail(name.replace("log.eval_n", "n").replace("rollout.", ""), _get(cfg, name), "expected > 0")
+    if cfg.rollout.max_new_tokens < 0:
+        _fail("max_new_tokens", cfg.rollout.max_new_tokens, "expected >= 0 (0 = auto from the data)")
+    return cfg

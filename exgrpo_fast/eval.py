@@ -1,5 +1,11 @@
-"""Greedy evaluation of any checkpoint: `python -m exgrpo_fast.eval CKPT [--n 64] [--out eval.json]` (flags: --help;
+"""Greedy evaluation of any checkpoint: `python -m exgrpo_fast.eval CKPT [--n 200] [--out eval.json]` (flags: --help;
 the command line is config.EvalArgs, parsed by the same tyro set-up as training's).
+
+The eval CLI and the trainer's evals share one config: options left unset come from the run that wrote the
+checkpoint (its config.json: data seed and files, held-out splits and their size log.eval_n, the reward section,
+rollout.max_new_tokens, rollout.batch_size, model.dtype), or from TrainConfig() without one; the splits come from
+the trainer's own train.load_data. So `python -m exgrpo_fast.eval RUN/checkpoints/grpo-000060` with no options
+reproduces the run's final eval exactly.
 
 For each held-out split (test_id: in-distribution, test_ood: out-of-distribution) the student answers the question
 and then every probe greedily, each turn conditioned on its own earlier answers (the same multi-turn rollout as
@@ -21,9 +27,9 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from exgrpo_fast.checkpoint import resolve_checkpoint
-from exgrpo_fast.config import parse_eval_args
+from exgrpo_fast.config import eval_config, find_run_config, parse_eval_args
+from exgrpo_fast.data.lengths import resolve_max_new_tokens
 from exgrpo_fast.data.problem import Problem
-from exgrpo_fast.data.tasks import builtin_splits
 from exgrpo_fast.errors import cli_main
 from exgrpo_fast.model.loading import check_model_dir, load_model
 from exgrpo_fast.rewards import RewardConfig, score_dialogue
@@ -36,7 +42,7 @@ def evaluate(
     splits: Mapping[str, list[Problem]],
     *,
     reward_cfg: RewardConfig | None = None,
-    max_new_tokens: int = 24,
+    max_new_tokens: int = 48,
     batch_size: int = 64,
     include_probes: bool = True,
     progress: bool = False,
@@ -87,23 +93,34 @@ def _main(argv: list[str]) -> dict[str, float]:
     if not (ckpt / "config.json").is_file() or (ckpt / "metrics.jsonl").is_file():
         ckpt = resolve_checkpoint(ckpt)
     check_model_dir(ckpt)
-    if args.data:  # read (and check every row of) the data before the model is loaded
-        from exgrpo_fast.data.sources import load_problems  # user files: the datasets edge
+    saved, run_dir = find_run_config(ckpt) or (None, ckpt)
+    cfg = eval_config(args, saved)
+    from exgrpo_fast.train import load_data  # the trainer's own splits (train imports this module: import here)
 
-        splits = {"test_id": [Problem.from_dict(row) for row in load_problems(args.data)][: args.n]}
-    else:
-        splits = {s: v for s, v in builtin_splits(0, args.n, seed=args.seed).items() if s != "train"}
+    if saved is None and cfg.data.num_probes > 0 and not cfg.model.teacher_path:
+        cfg.data.num_probes = 0  # no run, no teacher: user problems without probes are asked their question only
+    # read (and check every row of) the data before the model is loaded; a run's teacher-written probes come from
+    # its probe cache
+    problems, held_out = load_data(cfg, run_dir)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tokenizer = load_model(ckpt, dtype=getattr(torch, args.dtype), device=torch.device(device))
+    model, tokenizer = load_model(ckpt, dtype=getattr(torch, cfg.model.dtype), device=torch.device(device))
+    max_new_tokens = resolve_max_new_tokens(
+        tokenizer, {"train": problems, **held_out}, cfg.rollout.max_new_tokens,
+        name="max_new_tokens" if args.max_new_tokens is not None else "rollout.max_new_tokens",
+    )  # fmt: skip
+    splits = {k: v[: cfg.log.eval_n] for k, v in held_out.items()}
     t0 = time.perf_counter()
     metrics = evaluate(
-        model, tokenizer, splits, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        include_probes=args.probes, progress=sys.stderr.isatty(),
+        model, tokenizer, splits, reward_cfg=cfg.reward, max_new_tokens=max_new_tokens,
+        batch_size=cfg.rollout.batch_size, include_probes=args.probes, progress=sys.stderr.isatty(),
     )  # fmt: skip
     metrics["eval_s"] = time.perf_counter() - t0
-    print(f"eval {ckpt} | n {args.n} | " + format_eval(metrics))
+    n = cfg.log.eval_n
+    print(f"eval {ckpt} | n {n} | max_new_tokens {max_new_tokens} | " + format_eval(metrics))
     out = Path(args.out) if args.out else ckpt / "eval.json"
-    out.write_text(json.dumps({"ckpt": str(ckpt), "n": args.n, **metrics}, indent=2) + "\n")
+    out.write_text(
+        json.dumps({"ckpt": str(ckpt), "n": n, "max_new_tokens": max_new_tokens, **metrics}, indent=2) + "\n"
+    )
     print(f"wrote {out}")
     return metrics
 

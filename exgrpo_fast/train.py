@@ -36,6 +36,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterator
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from exgrpo_fast import ops
 from exgrpo_fast.errors import cli_main
 from exgrpo_fast.config import TrainConfig, parse_args, to_toml
 from exgrpo_fast.data.dialogue import encode_dialogue
+from exgrpo_fast.data.lengths import resolve_max_new_tokens
 from exgrpo_fast.data.packing import PackedBatch, pack_sequences
 from exgrpo_fast.data.probes import write_probes_with_teacher
 from exgrpo_fast.data.problem import Dialogue, Problem, sft_dialogue
@@ -291,21 +293,37 @@ class Run:
 
 
 def load_data(cfg: TrainConfig, run_dir: Path) -> tuple[list[Problem], dict[str, list[Problem]]]:
-    """(train problems, held-out splits) as plain lists: datasets only at the edges (files, the probe cache)."""
+    """(train problems, held-out splits) as plain lists: datasets only at the edges (files, the probe cache).
+    Built-in: test_id and the data.ood_splits of data.tasks. data.train_path: test_id is min(data.n_test, rows // 5)
+    rows drawn by a shuffle seeded with data.seed (the rest train, in file order). data.ood_path: its first
+    data.n_test rows are test_ood (replacing the built-in one)."""
     if not cfg.data.train_path:
         splits = builtin_splits(cfg.data.n_train, cfg.data.n_test, seed=cfg.data.seed, ood_splits=cfg.data.ood_splits)
-        return splits["train"], {s: v for s, v in splits.items() if s != "train"}
-    problems = [Problem.from_dict(row) for row in load_problems(cfg.data.train_path, on_error=cfg.data.on_error)]
+        train, held_out = splits.pop("train"), splits
+    else:
+        problems = _user_problems(cfg, cfg.data.train_path, run_dir)
+        order = list(range(len(problems)))
+        random.Random(f"{cfg.data.seed}-test_id").shuffle(order)
+        test = set(order[: min(cfg.data.n_test, len(problems) // 5)])
+        train = [p for i, p in enumerate(problems) if i not in test]
+        held_out = {"test_id": [problems[i] for i in sorted(test)]}
+    if cfg.data.ood_path:
+        held_out["test_ood"] = _user_problems(cfg, cfg.data.ood_path, run_dir)[: cfg.data.n_test]
+    return train, held_out
+
+
+def _user_problems(cfg: TrainConfig, path: str, run_dir: Path) -> list[Problem]:
+    """The problems of a user file (checked row by row, data.on_error), probes written by the teacher when missing."""
+    problems = [Problem.from_dict(row) for row in load_problems(path, on_error=cfg.data.on_error)]
     if any(not p.probes for p in problems) and cfg.data.num_probes > 0:
         if not cfg.model.teacher_path:
-            raise ValueError("data.train_path problems without probes need model.teacher_path to write them")
+            raise ValueError(f"{path}: problems without probes need model.teacher_path to write them")
         written = write_probes_with_teacher(
             problems, cfg.model.teacher_path, k=cfg.data.num_probes,
             cache_dir=cfg.data.cache_dir or str(run_dir / "probe_cache"), seed=cfg.data.seed,
         )  # fmt: skip
         problems = [Problem.from_dict(row) for row in written]  # the cache is a datasets.Dataset
-    n_test = min(cfg.data.n_test, len(problems) // 5)
-    return problems[n_test:], {"test_id": problems[:n_test]}
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -651,6 +669,10 @@ def setup_run(
             warm = [encode_dialogue(tokenizer, Dialogue.of(("user", "1"), ("assistant", "1")))]
             policy(pack_sequences(warm, cfg.data.token_budget)[0].to(device))
     problems, test_splits = load_data(cfg, run_dir)
+    requested = cfg.rollout.max_new_tokens
+    resolved = resolve_max_new_tokens(tokenizer, {"train": problems, **test_splits}, requested)
+    if resolved != requested:  # 0 = auto: the run uses the measured value (config.json keeps 0: a resume remeasures)
+        cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_new_tokens=resolved))
     run = Run(
         cfg, rank, world, device, run_dir, model, tokenizer, policy, log, problems,
         {k: v[: cfg.log.eval_n] for k, v in test_splits.items()}, dict(state["extra"]) if state else {"evals": {}},
@@ -661,7 +683,8 @@ def setup_run(
         backend += f" (no Triton on {device.type}; TRITON_INTERPRET=1 runs the interpreter)"
     log.print(
         f"run {run_dir} | model {model_path} | {run.n_params / 1e6:.2f}M params | device {device} | world {world} | "
-        f"problems {len(problems)} | ops {backend} | threads {torch.get_num_threads()} | load {_load():.2f}"
+        f"problems {len(problems)} | max_new_tokens {resolved}{' (auto)' if requested == 0 else ''} | "
+        f"ops {backend} | threads {torch.get_num_threads()} | load {_load():.2f}"
     )
     return run, state, resume_dir, model_path
 

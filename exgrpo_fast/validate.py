@@ -113,7 +113,6 @@ def _tokenizer_for(cfg, model_dir: str | None):
 def validate_run(cfg, resume: str | None = None, world: int = 1) -> None:
     """Every user input of a run, checked up front (see the module docstring); raises a UserError."""
     from exgrpo_fast import checkpoint as ckpt_lib
-    from exgrpo_fast.data.sources import read_problems
     from exgrpo_fast.data.tasks import builtin_splits
     from exgrpo_fast.model.loading import check_model_dir
 
@@ -124,20 +123,44 @@ def validate_run(cfg, resume: str | None = None, world: int = 1) -> None:
     if student:
         check_model_dir(student)
     needs_teacher = cfg.loss.teacher_beta > 0
+    held_out: dict[str, list] = {}
+    user_rows: list[dict] = []
     if cfg.data.train_path:
-        loaded = read_problems(cfg.data.train_path, on_error=getattr(cfg.data, "on_error", "raise"))
-        problems, source = loaded.problems, str(cfg.data.train_path)
-        if any(not p["probes"] for p in problems) and cfg.data.num_probes > 0:
-            if not cfg.model.teacher_path:
-                raise ConfigError(
-                    f"data.train_path={cfg.data.train_path!r} has problems without probes: set model.teacher_path to "
-                    "write them, or data.num_probes=0"
-                )
-            needs_teacher = True
+        problems, source = _user_rows(cfg, "data.train_path"), str(cfg.data.train_path)
+        user_rows += problems
     else:
-        problems, source = builtin_splits(cfg.data.n_train, 0, seed=cfg.data.seed)["train"], "built-in tasks"
+        n_test = cfg.data.n_test if cfg.rollout.max_new_tokens == 0 else 0  # held-out splits: for auto only
+        ood = getattr(cfg.data, "ood_splits", ("test_ood",))
+        splits = builtin_splits(cfg.data.n_train, n_test, seed=cfg.data.seed, ood_splits=ood if n_test else ())
+        problems, source = splits.pop("train"), "built-in tasks"
+        held_out = splits
+    if getattr(cfg.data, "ood_path", ""):
+        held_out["test_ood"] = _user_rows(cfg, "data.ood_path")
+        user_rows += held_out["test_ood"]
+    if any(not p["probes"] for p in user_rows) and cfg.data.num_probes > 0:
+        needs_teacher = True  # _user_rows checked that model.teacher_path is set
     if needs_teacher:
         if not cfg.model.teacher_path:
             raise ConfigError(f"loss.teacher_beta={cfg.loss.teacher_beta}: needs model.teacher_path")
         check_model_dir(Path(cfg.model.teacher_path))
-    check_token_budget(cfg, _tokenizer_for(cfg, student), problems, source)
+    tokenizer = _tokenizer_for(cfg, student)
+    if cfg.rollout.max_new_tokens == 0 and cfg.grpo.steps > 0:  # auto: the budget check needs the measured value
+        from exgrpo_fast.data.lengths import auto_max_new_tokens
+
+        auto = auto_max_new_tokens(tokenizer, {"train": problems, **held_out})
+        cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_new_tokens=auto))
+    check_token_budget(cfg, tokenizer, problems, source)
+
+
+def _user_rows(cfg, name: str) -> list[dict]:
+    """Every row of the user file named by the config field name (data.train_path or data.ood_path), checked; a
+    file with problems that lack probes needs model.teacher_path unless data.num_probes is 0."""
+    from exgrpo_fast.data.sources import read_problems
+
+    path = getattr(cfg.data, name.split(".")[1])
+    rows = read_problems(path, on_error=getattr(cfg.data, "on_error", "raise")).problems
+    if any(not p["probes"] for p in rows) and cfg.data.num_probes > 0 and not cfg.model.teacher_path:
+        raise ConfigError(
+            f"{name}={path!r} has problems without probes: set model.teacher_path to write them, or data.num_probes=0"
+        )
+    return rows

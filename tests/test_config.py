@@ -157,4 +157,5 @@ def test_cli_user_error_exits_2_with_one_message(capsys):
 
 def test_eval_command_line():
     args = C.parse_eval_args(["runs/x", "--n", "4", "--no_probes", "--max_new_tokens", "6"])
-    assert (args.ckpt, args.n, args.probes, args.max_new_tokens, args.dtype) == ("runs/x", 4, False, 6, "float32")
+    assert (args.ckpt, args.n, args.probes, args.max_new_tokens) == ("runs/x", 4, False, 6)
+    assert args.dtype is None and args.batch_size is None  # unset: the run's model.dtype / rollout.batch_size
