@@ -84,7 +84,8 @@ class DataConfig:
     cache_dir: str = ""
     """Where teacher-written probes are cached; "" = <run_dir>/probe_cache."""
     on_error: Literal["raise", "skip"] = "raise"
-    """A bad row in data.train_path or data.ood_path: "raise" stops with its file and line; "skip" leaves it out (count logged)."""
+    """A bad row in data.train_path or data.ood_path: "raise" stops with its file and line; "skip" leaves it out
+    (count logged)."""
     token_budget: int = 4096
     """Max tokens per packed micro-batch (SFT, log-prob and policy passes); bounds activation memory."""
     ood_splits: tuple[str, ...] = ("test_ood",)
@@ -133,10 +134,10 @@ class GRPOConfig:
 class RolloutConfig(SamplingParams):
     """rollout.SamplingParams (temperature, top_p, max_new_tokens, stop_check_every) plus the sampling batch."""
 
-    max_new_tokens: int = 48
-    """Max tokens the student writes per turn (end-of-turn included); 0 = auto: the longest reference reply of the
-    training and held-out problems plus 8 (exgrpo_fast.data.lengths). A value that cuts more than 1% of a split's
-    reference replies logs a warning naming the split."""
+    max_new_tokens: int = 0
+    """Max tokens the student writes per turn (end-of-turn included); 0 (default) = auto: the longest reference
+    reply of the training and held-out problems plus 8 (exgrpo_fast.data.lengths). A value that cuts more than 1%
+    of a split's reference replies logs a warning naming the split."""
     batch_size: int = 64
     """Dialogues sampled together (rows of one KV cache)."""
 
@@ -279,7 +280,7 @@ def preset_gpu() -> TrainConfig:
     cfg.data.n_train, cfg.data.n_test = 4096, 256
     cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr = 400, 64, 3e-4
     cfg.grpo.steps, cfg.grpo.problems_per_step, cfg.grpo.group_size, cfg.grpo.lr = 200, 32, 16, 1e-5
-    cfg.rollout.max_new_tokens, cfg.rollout.batch_size = 64, 512
+    cfg.rollout.batch_size = 512
     cfg.data.token_budget, cfg.loss.kl_beta = 32768, 0.01
     cfg.log.eval_n, cfg.log.eval_every, cfg.log.ckpt_every = 256, 50, 50
     return cfg
@@ -314,7 +315,6 @@ def preset_smollm2() -> TrainConfig:
     cfg.model.path = "models/smollm2-135m"
     cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, cfg.sft.warmup_steps = 200, 32, 3e-5, 10
     cfg.grpo.steps, cfg.grpo.problems_per_step, cfg.grpo.group_size, cfg.grpo.lr = 60, 16, 8, 2e-6
-    cfg.rollout.max_new_tokens = 64
     cfg.data.token_budget = 8192
     return cfg
 
