@@ -4,7 +4,7 @@ the command line is config.EvalArgs, parsed by the same tyro set-up as training'
 The eval CLI and the trainer's evals share one config: options left unset come from the run that wrote the
 checkpoint (its config.json: data seed and files, held-out splits and their size log.eval_n, the reward section,
 rollout.max_new_tokens, rollout.batch_size, model.dtype), or from TrainConfig() without one; the splits come from
-the trainer's own train.load_data. So `python -m exgrpo_fast.eval RUN/checkpoints/grpo-000060` with no options
+the trainer's own data.splits.load_data. So `python -m exgrpo_fast.eval RUN/checkpoints/grpo-000060` with no options
 reproduces the run's final eval exactly.
 
 For each held-out split (test_id: in-distribution, test_ood: out-of-distribution) the student answers the question
@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from exgrpo_fast.checkpoint import resolve_checkpoint
 from exgrpo_fast.config import eval_config, find_run_config, parse_eval_args
 from exgrpo_fast.data.lengths import resolve_max_new_tokens
+from exgrpo_fast.data.splits import load_data
 from exgrpo_fast.data.problem import Problem
 from exgrpo_fast.errors import cli_main
 from exgrpo_fast.model.loading import check_model_dir, load_model
@@ -95,7 +96,6 @@ def _main(argv: list[str]) -> dict[str, float]:
     check_model_dir(ckpt)
     saved, run_dir = find_run_config(ckpt) or (None, ckpt)
     cfg = eval_config(args, saved)
-    from exgrpo_fast.train import load_data  # the trainer's own splits (train imports this module: import here)
 
     if saved is None and cfg.data.num_probes > 0 and not cfg.model.teacher_path:
         cfg.data.num_probes = 0  # no run, no teacher: user problems without probes are asked their question only

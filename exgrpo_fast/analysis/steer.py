@@ -70,7 +70,10 @@ def run_point(model, tokenizer, problems: list, *, layer: int, vector: torch.Ten
     from exgrpo_fast.rewards import score_dialogue
     from exgrpo_fast.rollout import SamplingParams, rollout_dialogues
 
-    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=sc.max_new_tokens)
+    # the lean sampling forward (and CUDA graphs) bypass the decoder modules, so forward hooks would never fire
+    params = SamplingParams(
+        temperature=0.0, top_p=1.0, max_new_tokens=sc.max_new_tokens, lean_forward=False, cuda_graphs=False
+    )
     with steering(model, layer, vector):
         rollouts = rollout_dialogues(model, tokenizer, problems, group_size=1, params=params,
                                      batch_size=sc.batch_size)  # fmt: skip

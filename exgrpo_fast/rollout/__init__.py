@@ -160,11 +160,19 @@ def _sampling_attention(model):
             model.set_attn_implementation(impl)
 
 
+def _has_hooks(model) -> bool:
+    """Whether any module of the model carries forward (pre-)hooks: steering, probes or activation capture that the
+    lean forward and captured graphs would silently bypass."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def _engine(model, params: SamplingParams, stop_ids: list[int], pad_id: int) -> Engine:
+    hooked = _has_hooks(model)  # hooks must fire: sample through the model's own modules, eagerly
     return Engine(
         model, temperature=params.temperature, top_p=params.top_p, max_new_tokens=params.max_new_tokens,
         stop_check_every=params.stop_check_every, stop_ids=stop_ids, pad_id=pad_id,
-        cuda_graphs=getattr(params, "cuda_graphs", True), lean_forward=getattr(params, "lean_forward", True),
+        cuda_graphs=getattr(params, "cuda_graphs", True) and not hooked,
+        lean_forward=getattr(params, "lean_forward", True) and not hooked,
     )  # fmt: skip
 
 
