@@ -162,7 +162,9 @@ class REModel(nn.Module):
         h = selector.config.hidden_size
         # head_context = k > 0: the logit of token i is a linear function of the selector's hidden states of tokens
         # i-k .. i+k (a 1-D convolution, zero-padded at the ends), i.e. the head sees n-gram context explicitly.
-        self.select_head = nn.Linear(h, 1) if head_context == 0 else nn.Conv1d(h, 1, 2 * head_context + 1, padding=head_context)
+        self.select_head = (
+            nn.Linear(h, 1) if head_context == 0 else nn.Conv1d(h, 1, 2 * head_context + 1, padding=head_context)
+        )
         self.classify_head = nn.Linear(predictor.config.hidden_size, num_classes)
         self.mask_token_id = mask_token_id
 
