@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from exgrpo_fast.rekd import data as D
@@ -121,7 +122,8 @@ def build_re_model(cfg: REKDConfig, who: str, prep: Prepared) -> M.REModel:
         raise ConfigError(f"{who}.path={enc.path!r}: its vocabulary is smaller than the tokenizer's")
     if prep.task == "image" and enc.path and sel.config.patch_size != cfg.data.patch_size:
         raise ConfigError(f"{who}.path={enc.path!r}: patch_size {sel.config.patch_size} != data.patch_size")
-    return M.REModel(prep.task, sel, pred, prep.num_classes, mask_id)
+    ctx = cfg.select.head_context if prep.task == "text" else 0
+    return M.REModel(prep.task, sel, pred, prep.num_classes, mask_id, head_context=ctx)
 
 
 def _batch(t: dict, idx: torch.Tensor, device) -> dict:
@@ -301,6 +303,16 @@ class Metrics:
 # one stage
 
 
+def lr_factor(sc: StageConfig, step: int, warm: int) -> float:
+    """Multiplier of sc.lr at a step: linear warm-up over `warm` steps, then constant or cosine to sc.min_lr_frac."""
+    if step + 1 < warm:
+        return (step + 1) / warm
+    if sc.lr_schedule == "constant":
+        return 1.0
+    t = min(1.0, (step + 1 - warm) / max(1, sc.steps - warm))
+    return sc.min_lr_frac + (1 - sc.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def train_stage(
     stage: str,
     model: M.REModel,
@@ -313,9 +325,22 @@ def train_stage(
 ) -> M.REModel:
     """Train one RE model (stage teacher / student_re: RE objective; student_rekd: + KD + rationale terms)."""
     model.to(cfg.device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, weight_decay=sc.weight_decay)
+    # two parameter groups: the selector side (encoder + head) and the predictor side (encoder + class head)
+    sel_params = list(model.selector.parameters()) + list(model.select_head.parameters())
+    pred_params = list(model.predictor.parameters()) + list(model.classify_head.parameters())
+    groups = [{"params": sel_params}, {"params": pred_params}]
+    opt = torch.optim.AdamW(groups, lr=sc.lr, weight_decay=sc.weight_decay)
     warm = max(1, int(0.05 * sc.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    n_pre = int(cfg.select.predictor_warmup_frac * sc.steps)  # predictor-only steps on randomly masked inputs
+    mult = cfg.select.predictor_lr_mult
+
+    def sel_factor(s: int) -> float:
+        return 0.0 if s < n_pre else lr_factor(sc, s, warm)
+
+    def pred_factor(s: int) -> float:
+        return lr_factor(sc, s, warm) * (1.0 if s < n_pre else mult)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [sel_factor, pred_factor])
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + STAGES.index(stage))
     start = 0
     if cfg.log.resume and (state := load_latest(run_dir, stage)) is not None:
@@ -337,10 +362,23 @@ def train_stage(
     for step in bar:
         idx = torch.randint(n, (sc.batch_size,), generator=gen)
         b = _batch(train, idx, cfg.device)
-        out = model(b, estimator=cfg.select.estimator, tau=cfg.select.tau, sample=True)
-        terms = M.re_loss(out, b, cfg.select, prep.task, M.target_at(cfg.select, step, sc.steps))
-        loss = terms["loss"]
-        if kd:
+        if step < n_pre:  # predictor warm-up: random subsets (keep rate ~ U(0.2, 1) per example), CE only
+            sel = M.selectable(b)
+            shape = sel.shape if sel is not None else (sc.batch_size, model.num_units(b))
+            keep = 0.2 + 0.8 * torch.rand((shape[0], 1), generator=gen)
+            z = (torch.rand(shape, generator=gen) < keep).float().to(cfg.device)
+            if sel is not None:
+                z = torch.where(sel, z, torch.ones_like(z))
+            logits = model.predict(b, z)
+            ce = F.cross_entropy(logits.float(), b["labels"])
+            out = M.REOutput(logits, torch.zeros_like(z), z, z)
+            terms = {"ce": ce, "loss": ce}
+            loss = ce
+        else:
+            out = model(b, estimator=cfg.select.estimator, tau=cfg.select.tau, sample=True)
+            terms = M.re_loss(out, b, cfg.select, prep.task, M.target_at(cfg.select, step - n_pre, sc.steps - n_pre))
+            loss = terms["loss"]
+        if kd and step >= n_pre:
             t_logits = targets["t_logits"][idx].to(cfg.device)
             t_mask = targets["t_mask" if cfg.kd.rationale_target == "hard" else "t_prob"][idx].to(cfg.device)
             keep, unit_keep = None, M.selectable(b)
@@ -369,6 +407,7 @@ def train_stage(
                 sel_frac=float(frac),
                 grad_norm=float(gn),
                 lr=sched.get_last_lr()[0],
+                lr_predictor=sched.get_last_lr()[1],
                 ex_per_s=cfg.log.log_every * sc.batch_size / max(time.perf_counter() - t0, 1e-9),
             )
             metrics.log(row)
