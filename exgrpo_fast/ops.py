@@ -538,10 +538,12 @@ def fused_policy_loss(
     teacher_logp: torch.Tensor | None = None,
     temperature: float = 1.0,
     cfg: LossConfig | None = None,
+    norm: LossNorm | None = None,
     inplace_backward: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, stats) from logits[T, V]; grads w.r.t. logits, written in place into the logits buffer unless
     inplace_backward=False. stats also hold the masked mean entropy. See reference.fused_policy_loss.
+    old_logp=None: on-policy (ratio 1); norm: the optimizer step's LossNorm (None = this call's own counts).
 
     Tokens with mask 0 or label -100 are masked: their logits rows are never read (in either pass; they may hold
     NaN) and get an exact zero gradient. Any input strides are accepted."""
@@ -553,11 +555,11 @@ def fused_policy_loss(
     if backend_for(logits.device) == "reference":
         return reference.fused_policy_loss(
             logits, labels, old_logp, advantages, seq_ids, mask,
-            ref_logp=ref_logp, teacher_logp=teacher_logp, temperature=temperature, cfg=cfg,
+            ref_logp=ref_logp, teacher_logp=teacher_logp, temperature=temperature, cfg=cfg, norm=norm,
         )  # fmt: skip
     live = reference.live_rows(labels, mask)  # O(T), on device: the loss mask with -100 labels folded in
     logp, entropy = _TokenLogprobs.apply(logits, labels, live, temperature, True, inplace_backward)
-    loss, stats = _policy_loss(logp, old_logp, advantages, seq_ids, live, ref_logp, teacher_logp, cfg)
+    loss, stats = _policy_loss(logp, old_logp, advantages, seq_ids, live, ref_logp, teacher_logp, cfg, norm)
     stats["entropy"] = reference.masked_mean(entropy.detach(), live)
     return loss, stats
 

@@ -304,6 +304,7 @@ def fused_policy_loss(
     teacher_logp: torch.Tensor | None = None,
     temperature: float = 1.0,
     cfg: LossConfig | None = None,
+    norm: LossNorm | None = None,
 ):
     """token_logprobs then policy_loss; stats also hold the masked mean entropy. Grads w.r.t. logits.
 
@@ -312,7 +313,7 @@ def fused_policy_loss(
     live = live_rows(labels, mask)
     logp, entropy = _token_logprobs_rows(logits, labels, live, temperature, True)
     loss, stats = policy_loss(
-        logp, old_logp, advantages, seq_ids, live, ref_logp=ref_logp, teacher_logp=teacher_logp, cfg=cfg
+        logp, old_logp, advantages, seq_ids, live, ref_logp=ref_logp, teacher_logp=teacher_logp, cfg=cfg, norm=norm
     )
     stats["entropy"] = masked_mean(entropy.detach(), live)
     return loss, stats

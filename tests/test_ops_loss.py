@@ -259,3 +259,37 @@ def test_loss_spec_is_the_one_definition():
                 assert not any(n.startswith("exgrpo_fast") for n in names), (path.name, names)
     with pytest.raises(ValueError, match="LossConfig.loss_agg='mean'"):
         LossConfig(loss_agg="mean")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_fused_policy_loss_from_logits_takes_the_step_norm(backend, loss_agg):
+    """fused_policy_loss (logits path): two micro-batches with the step's LossNorm sum to the whole batch's loss and
+    logits gradient; old_logp=None is on-policy there too."""
+    from exgrpo_fast import ops
+
+    g = torch.Generator().manual_seed(3)
+    T, V, S = 23, 37, 4
+    logits = torch.randn(T, V, generator=g)
+    labels = torch.randint(0, V, (T,), generator=g)
+    seq_ids = torch.sort(torch.randint(0, S, (T,), generator=g)).values
+    mask = torch.rand(T, generator=g) < 0.7
+    adv = torch.randn(S, generator=g)
+    cfg = ops.LossConfig(loss_agg=loss_agg)
+    cut = int((seq_ids < 2).sum())  # micro-batches split between sequences
+    norm = ops.LossNorm.from_batches([(seq_ids, mask)])
+    with ops.backend(backend):
+        x = logits.clone().requires_grad_(True)
+        whole, _ = ops.fused_policy_loss(x, labels, None, adv, seq_ids, mask, cfg=cfg, inplace_backward=False)
+        whole.backward()
+        parts, grads = [], []
+        for sl in (slice(0, cut), slice(cut, T)):
+            y = logits[sl].clone().requires_grad_(True)
+            loss, _ = ops.fused_policy_loss(
+                y, labels[sl], None, adv, seq_ids[sl], mask[sl], cfg=cfg, norm=norm, inplace_backward=False
+            )
+            loss.backward()
+            parts.append(loss.detach())
+            grads.append(y.grad)
+    torch.testing.assert_close(sum(parts), whole.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat(grads), x.grad, rtol=1e-5, atol=1e-6)
