@@ -168,6 +168,9 @@ class LogConfig:
     """Problems per held-out split in the short evals (<= data.n_test)."""
     eval_every: int = 30
     """Extra greedy eval every this many GRPO steps (0 = only before, after SFT and at the end)."""
+    eval_start: bool = True
+    """Evaluate the starting weights (the summary's untrained_* row); False skips it, e.g. for a run that starts from
+    a checkpoint whose eval is on record. A stage of 0 steps never re-evaluates the weights it was handed."""
     ckpt_every: int = 0
     """Checkpoint every this many steps of each stage (0 = every 10% of the stage); each stage's end is saved too."""
     keep_last: int = 2

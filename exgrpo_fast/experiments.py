@@ -69,6 +69,19 @@ class ExperimentConfig:
     """Run only cells whose name contains one of these strings (empty = all)."""
     dry_run: bool = False
     """Print the plan (cells and their configs) without training."""
+    workers: int = 0
+    """Cells run at once, each in its own process; 0 = the preset's choice (cpu: one per core, up to 2; gpu: 1)."""
+    threads: int = 0
+    """torch threads per cell; 0 = the preset's choice (cpu: 1, so the table is the same on any machine; gpu: torch's
+    default). Numbers depend on this (float sums), not on workers."""
+
+    def __post_init__(self) -> None:
+        import os
+
+        if self.workers == 0:
+            self.workers = 1 if self.preset == "gpu" else max(1, min(2, os.cpu_count() or 1))
+        if self.threads == 0 and self.preset == "cpu":
+            self.threads = 1
 
 
 @dataclass
@@ -88,7 +101,9 @@ def _preset_overrides(preset: str) -> dict[str, Any]:
     """Base overrides of the experiment's preset (on top of the trainer's cpu-default or gpu preset)."""
     if preset == "gpu":
         return {"preset": "gpu"}
-    return {"preset": "cpu-default", "grpo.steps": 40, "log.eval_n": 200, "log.eval_every": 0}
+    # 25 GRPO steps and evals only where the weights are new keep 3 seeds (36 cells) within ~45 min on 2 cores
+    return {"preset": "cpu-default", "grpo.steps": 25, "log.eval_n": 200, "log.eval_every": 0,
+            "data.ood_splits": ("test_ood_long", "test_ood_large"), "log.progress": False}  # fmt: skip
 
 
 def paper_cells(cfg: ExperimentConfig, n_train: int) -> list[Cell]:
@@ -97,13 +112,15 @@ def paper_cells(cfg: ExperimentConfig, n_train: int) -> list[Cell]:
     for seed in cfg.seeds:
         base = {"seed": seed, "data.seed": seed}
         sft_only = {**base, "grpo.steps": 0}
+        # the zero-shot row is the vanilla FT cell's eval of the starting weights; other cells skip that eval
         cells.append(Cell(f"vanilla-ft-s{seed}", seed, {**sft_only, "sft.use_probes": False}, row="vanilla FT"))
+        sft_only["log.eval_start"] = False
         for frac in cfg.fractions:
             n = max(16, int(round(n_train * frac)))
             tag = f"{int(round(frac * 100))}pct"
             sft = f"ei-sft-{tag}-s{seed}"
             cells.append(Cell(sft, seed, {**sft_only, "data.n_train": n}, row="EI SFT" if frac == 1.0 else ""))
-            grpo = {**base, "data.n_train": n, "sft.steps": 0}
+            grpo = {**base, "data.n_train": n, "sft.steps": 0, "log.eval_start": False}
             if frac == 1.0:
                 cells.append(Cell(f"grpo-no-probes-s{seed}", seed, {**grpo, "grpo.use_probes": False,
                                   "reward.probe_weight": 0.0, "reward.dsu_weight": 0.0}, start_from=sft,
@@ -176,7 +193,9 @@ def plot_table(table: list[dict], path: Path) -> None:
 
 def run_paper(cfg: ExperimentConfig, train_fn: Callable[..., dict] | None = None, build_cfg=None) -> list[dict]:
     """Run (or resume) every cell, then write paper.md / paper.json / paper.png. `train_fn(cfg, run_dir=...)` and
-    `build_cfg(overrides) -> TrainConfig` default to the trainer's; tests pass fakes."""
+    `build_cfg(overrides) -> TrainConfig` default to the trainer's; tests pass fakes. With cfg.workers > 1 cells run
+    in that many spawned processes (a GRPO cell once its SFT cell is done), each with cfg.threads torch threads and
+    its console output in `<cell>/console.log`; the numbers do not depend on the worker count."""
     if train_fn is None or build_cfg is None:
         from exgrpo_fast.config import config_from_overrides
         from exgrpo_fast.train import train
@@ -190,19 +209,51 @@ def run_paper(cfg: ExperimentConfig, train_fn: Callable[..., dict] | None = None
         for c in cells:
             print(f"{c.name:32s} from {c.start_from or '-':24s} {json.dumps(c.overrides)}")
         return []
+    t0 = time.perf_counter()
+    todo = [c for c in cells if not (out / "cells" / c.name / "summary.json").exists()]
+    done_names = {c.name for c in cells} - {c.name for c in todo}
+    print(f"paper: {len(cells)} cells, {len(todo)} to run, {cfg.workers} worker(s) x {cfg.threads} thread(s)")
+
+    def job(c: Cell) -> tuple[Any, Path]:
+        overrides = {**base, **c.overrides}
+        if c.start_from:
+            overrides["model.path"] = _sft_checkpoint(out / "cells" / c.start_from)
+        return build_cfg(overrides), out / "cells" / c.name
+
+    def report(c: Cell) -> None:
+        summary = json.loads((out / "cells" / c.name / "summary.json").read_text())
+        accs = " ".join(f"{k.removeprefix('final_')} {v:.3f}" for k, v in summary.items() if k.startswith("final_acc"))
+        print(f"[{len(done_names)}/{len(cells)}] {c.name} done ({time.perf_counter() - t0:.0f}s) | {accs}", flush=True)
+
+    if cfg.workers <= 1:
+        for c in todo:
+            run_cfg, run_dir = job(c)
+            _set_threads(cfg.threads)
+            train_fn(run_cfg, run_dir=str(run_dir))
+            done_names.add(c.name)
+            report(c)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        pending, running = list(todo), {}
+        with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) as pool:
+            while pending or running:
+                ready = [c for c in pending if not c.start_from or c.start_from in done_names]
+                for c in ready[: cfg.workers - len(running)]:
+                    pending.remove(c)
+                    run_cfg, run_dir = job(c)
+                    running[pool.submit(_run_cell, train_fn, run_cfg, str(run_dir), cfg.threads)] = c
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    c = running.pop(f)
+                    f.result()  # a failed cell stops the experiment (finished cells stay; a rerun resumes)
+                    done_names.add(c.name)
+                    report(c)
     results: dict[str, dict] = {}
     zero_shot: dict[int, dict] = {}
-    t0 = time.perf_counter()
-    for i, c in enumerate(cells):
-        run_dir = out / "cells" / c.name
-        done = run_dir / "summary.json"
-        if not done.exists():
-            overrides = {**base, **c.overrides}
-            if c.start_from:
-                overrides["model.path"] = _sft_checkpoint(out / "cells" / c.start_from)
-            print(f"[{i + 1}/{len(cells)}] {c.name} ({time.perf_counter() - t0:.0f}s)", flush=True)
-            train_fn(build_cfg(overrides), run_dir=str(run_dir))
-        summary = json.loads(done.read_text())
+    for c in cells:
+        summary = json.loads((out / "cells" / c.name / "summary.json").read_text())
         results[c.name] = {k.removeprefix("final_"): v for k, v in summary.items() if k.startswith("final_")}
         if not c.start_from and c.seed not in zero_shot and any(k.startswith("untrained_") for k in summary):
             zero_shot[c.seed] = {k.removeprefix("untrained_"): v for k, v in summary.items()
@@ -215,6 +266,23 @@ def run_paper(cfg: ExperimentConfig, train_fn: Callable[..., dict] | None = None
     plot_table(table, out / "paper.png")
     print(text)
     return table
+
+
+def _set_threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _run_cell(train_fn: Callable[..., dict], run_cfg: Any, run_dir: str, threads: int) -> None:
+    """One cell in a worker process: fixed torch threads, console output to <run_dir>/console.log."""
+    import contextlib
+
+    _set_threads(threads)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / "console.log", "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        train_fn(run_cfg, run_dir=run_dir)
 
 
 def _sft_checkpoint(cell_dir: Path) -> str:

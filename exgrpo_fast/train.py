@@ -263,8 +263,16 @@ class Run:
     n_params: int
     stop_after: int | None = None  # global step after which to checkpoint and return (tests: an interruption)
 
-    def evaluate(self, tag: str, global_step: int) -> dict:
-        """Greedy multi-turn eval on the held-out splits, logged and kept in extra["evals"][tag]."""
+    def evaluate(self, tag: str, global_step: int, *, same_as: str = "") -> dict:
+        """Greedy multi-turn eval on the held-out splits, logged and kept in extra["evals"][tag]. same_as names an
+        earlier eval of the same weights (a stage of 0 steps): when on record its numbers are reused, logged under
+        `tag` with eval_s 0."""
+        prev = self.extra["evals"].get(same_as) if same_as else None
+        if prev is not None:
+            m = self.extra["evals"][tag] = {**prev, "eval_s": 0.0}
+            line = f"eval {tag} | " + format_eval(m) + f" (same weights as {same_as})"
+            self.log.log("eval", global_step, global_step, {"tag": tag, **m}, line)
+            return m
         t0 = time.perf_counter()
         with gathered(self.policy, self.world):
             m = evaluate(
@@ -302,6 +310,7 @@ class Stage:
     warmup: int
     offset: int  # global step of this stage's step 0
     end_eval: str  # eval tag at the end of the stage
+    start_eval: str = ""  # eval tag of the weights the stage starts from (reused when the stage has 0 steps)
     eval_every: int = 0  # extra evals every this many steps (0 = none)
 
 
@@ -370,7 +379,7 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
             bar.close()
             return {"stopped_at": stage.offset + done, "last_loss": m["loss"]}
     bar.close()
-    run.evaluate(stage.end_eval, stage.offset + stage.steps)
+    run.evaluate(stage.end_eval, stage.offset + stage.steps, same_as=stage.start_eval if stage.steps == 0 else "")
     return {"history": history, "ckpt": run.save(stage.name, stage.steps, optimizer, scheduler)}
 
 
@@ -564,7 +573,7 @@ def _train(cfg: TrainConfig, *, resume: str | None, run_dir: str | None, stop_af
     t_start = time.perf_counter()
     validate_run(cfg, resume, world=int(os.environ.get("WORLD_SIZE", "1")))  # user errors before any dir or model
     run, state, resume_dir, model_path = setup_run(cfg, resume, run_dir, stop_after)
-    if state is None:
+    if state is None and cfg.log.eval_start:
         run.evaluate("untrained", 0)
 
     # ---- Stage 1: EI distillation (SFT on teacher dialogues)
@@ -577,15 +586,15 @@ def _train(cfg: TrainConfig, *, resume: str | None, run_dir: str | None, stop_af
             return _stopped(run, out)
         run.extra["ref_path"] = str(out["ckpt"])
     elif state is None or state["stage"] == "sft":  # no SFT stage, or resumed from the end of it
-        if "sft" not in run.extra["evals"]:
-            run.evaluate("sft", cfg.sft.steps)
+        if "sft" not in run.extra["evals"] and (cfg.log.eval_start or cfg.grpo.steps == 0):
+            run.evaluate("sft", cfg.sft.steps, same_as="untrained")  # no SFT step: the starting weights
         run.extra.setdefault("ref_path", str(resume_dir) if resume_dir else model_path)
 
     # ---- Stage 2: ExGRPO
     grpo_start = state["step"] if state is not None and state["stage"] == "grpo" else 0
     frozen = load_frozen(run)
     stage = Stage("grpo", cfg.grpo.steps, cfg.grpo.lr, cfg.grpo.warmup_steps, offset=cfg.sft.steps,
-                  end_eval="final", eval_every=cfg.log.eval_every)  # fmt: skip
+                  end_eval="final", start_eval="sft", eval_every=cfg.log.eval_every)  # fmt: skip
     out = run_stage(
         run, stage, lambda step, update: grpo_step(run, frozen, step, update), grpo_log_line, grpo_start, state
     )

@@ -53,8 +53,8 @@ def sequences(lengths, vocab=97):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_packed_equals_unpadded_forward_and_backward(name):
     model = build(name)
-    seqs = sequences([9, 1, 14, 6])
-    (batch,) = pack_sequences(seqs, 64)
+    seqs = sequences([9, 1, 14, 6, 12, 11, 6])  # 14/12/11 and 6/6 share padded SDPA calls
+    (batch,) = pack_sequences(seqs, 96)
     assert not getattr(model.config, "final_logit_softcapping", None), "test configs must not softcap"
     packed = packed_logits(model, batch)
     upstream = torch.randn_like(packed)  # a random upstream gradient, so every logit's grad path is checked
@@ -74,6 +74,41 @@ def test_packed_equals_unpadded_forward_and_backward(name):
             assert a is None and b is None, pname
             continue
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), f"{pname}: {(a - b).abs().max().item():.3e}"
+
+
+def _per_document(q, k, v, lens, window):
+    """The plain loop: one unpadded causal SDPA per document, GQA by repetition."""
+    out, start = torch.zeros_like(q), 0
+    for n in lens:
+        qs, ks, vs = (x[start : start + n].transpose(0, 1) for x in (q, k, v))
+        ks, vs = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=0) for x in (ks, vs))
+        i = torch.arange(n)
+        allowed = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] < window) if window else True)
+        out[start : start + n] = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=allowed
+        ).transpose(0, 1)
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_sdpa_ref_buckets_equal_per_document_loop(window):
+    """Documents batched into padded SDPA calls (several buckets, GQA, a sliding window, empty and one-token
+    documents, unused tail rows) equal one SDPA per document, forward and backward."""
+    torch.manual_seed(0)
+    lens = [12, 10, 9, 3, 0, 3, 1, 20, 17, 2]
+    T = sum(lens) + 5  # 5 tail rows beyond the documents
+    q = torch.randn(T, 4, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(T, 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(T, 2, 8, dtype=torch.float64, requires_grad=True)
+    assert len(attention._length_buckets(lens)) < len([n for n in lens if n])  # some calls are shared
+    got = attention._sdpa_ref(q, k, v, lens, None, window)
+    want = _per_document(q, k, v, lens, window)
+    assert got[sum(lens) :].abs().max().item() == 0.0
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad((got * g).sum(), (q, k, v)), torch.autograd.grad((want * g).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
 
 
 def test_packed_hidden_selects_loss_positions():

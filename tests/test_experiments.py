@@ -58,7 +58,7 @@ def _fake(tmp_path):
 
 def test_run_paper_writes_table_and_resumes(tmp_path):
     calls, build_cfg, train_fn = _fake(tmp_path)
-    cfg = ExperimentConfig(seeds=(0, 1), fractions=(0.5, 1.0), dsu_modes=("correct",), out_dir=str(tmp_path))
+    cfg = ExperimentConfig(seeds=(0, 1), fractions=(0.5, 1.0), dsu_modes=("correct",), out_dir=str(tmp_path), workers=1)
     table = run_paper(cfg, train_fn, build_cfg)
     n_cells = len(calls)
     assert n_cells == 2 * (1 + 2 + 1 + 1 + 1)
@@ -87,3 +87,52 @@ def test_every_cell_is_a_valid_trainer_config():
                 overrides["model.path"] = "somewhere/sft-000150"
             cfg = config_from_overrides(overrides)
             assert cfg.seed == c.seed
+
+
+def _picklable_fake_train(cfg, run_dir):
+    """A module-level fake trainer (worker processes import it): records the torch threads it ran with."""
+    from pathlib import Path
+
+    import torch
+
+    o = cfg.overrides
+    d = Path(run_dir)
+    (d / "checkpoints" / "sft-000010").mkdir(parents=True)
+    acc = 0.1 * o["seed"] + (0.3 if o.get("sft.steps") == 0 else 0.2)
+    summary = {"final_acc_id": acc, "threads": torch.get_num_threads(), "start_from": o.get("model.path", "")}
+    if not o.get("model.path"):
+        summary["untrained_acc_id"] = 0.0
+    (d / "summary.json").write_text(json.dumps(summary))
+    print("console line of", d.name)
+
+
+def _fake_build(overrides):
+    return types.SimpleNamespace(data=types.SimpleNamespace(n_train=64), overrides=overrides)
+
+
+def test_workers_run_cells_in_processes_after_their_sft_cell(tmp_path):
+    """workers=2: every cell runs in a spawned process with the requested threads, its console in console.log, a
+    GRPO cell only once its SFT checkpoint exists; the table equals the one-worker run's."""
+    kw = dict(seeds=(0, 1), fractions=(0.5, 1.0), dsu_modes=("correct",), threads=1)
+    table = run_paper(
+        ExperimentConfig(out_dir=str(tmp_path / "a"), workers=2, **kw), _picklable_fake_train, _fake_build
+    )
+    cells = sorted((tmp_path / "a" / "cells").iterdir())
+    assert len(cells) == 2 * (1 + 2 + 1 + 1 + 1)
+    for d in cells:
+        summary = json.loads((d / "summary.json").read_text())
+        assert summary["threads"] == 1
+        assert (d / "console.log").read_text().strip() == f"console line of {d.name}"
+        if summary["start_from"]:
+            assert summary["start_from"].startswith(str(tmp_path / "a" / "cells" / "ei-sft-"))
+    serial = run_paper(
+        ExperimentConfig(out_dir=str(tmp_path / "b"), workers=1, **kw), _picklable_fake_train, _fake_build
+    )
+    assert serial == table
+
+
+def test_cells_skip_evals_of_weights_already_evaluated():
+    """Only the vanilla FT cell evaluates the starting weights (the zero-shot row); other cells start from weights
+    evaluated elsewhere."""
+    for c in paper_cells(ExperimentConfig(seeds=(0,)), 2048):
+        assert c.overrides.get("log.eval_start", True) == c.name.startswith("vanilla-ft"), c.name

@@ -145,6 +145,26 @@ def test_non_finite_loss_is_skipped(tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_zero_step_stages_reuse_the_eval_of_their_weights(tmp_path, monkeypatch):
+    """A stage of 0 steps hands on the weights it got: its end eval reuses the earlier eval (logged, eval_s 0)
+    instead of rerunning it; log.eval_start false skips the starting weights' eval."""
+    calls = []
+    real = T.evaluate
+    monkeypatch.setattr(T, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = C.preset_test()
+    cfg.sft.steps, cfg.grpo.steps, cfg.log.tensorboard = 0, 0, False
+    summary = T.train(cfg, run_dir=str(tmp_path / "a"))
+    evals = {r["tag"]: r for r in rows(tmp_path / "a", "eval")}
+    assert len(calls) == 1 and list(evals) == ["untrained", "sft", "final"]
+    assert evals["final"]["eval_s"] == 0.0 and evals["sft"]["eval_s"] == 0.0
+    assert summary["final_acc_id"] == summary["untrained_acc_id"] == evals["final"]["acc_id"]
+    calls.clear()
+    cfg.log.eval_start, cfg.grpo.steps = False, 1
+    summary = T.train(cfg, run_dir=str(tmp_path / "b"))
+    assert len(calls) == 1 and [r["tag"] for r in rows(tmp_path / "b", "eval")] == ["final"]
+    assert "untrained_acc_id" not in summary and "final_acc_id" in summary
+
+
 def test_cli_main_runs(tmp_path):
     summary = T.main(
         [

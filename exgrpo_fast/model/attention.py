@@ -9,7 +9,7 @@ Backends, in order of preference when "auto":
     flash_attn       flash_attn.flash_attn_varlen_func (flash-attn 2/3), native GQA
     flash_attn_cute  flash_attn.cute.flash_attn_varlen_func (flash-attn 4)
     torch_varlen     torch.nn.attention.varlen.varlen_attn (PyTorch >= 2.10, CUDA SM80+)
-    sdpa_ref         reference: causal SDPA per document (any device; the CPU default)
+    sdpa_ref         reference: causal SDPA per document, similar lengths batched (any device; the CPU default)
 
 The backend is a property of each model, never process-wide state: select_backend picks one for a device and dtype,
 bind_backend pins it to a model's modules (load_model does both), and the attention forward reads only its module's
@@ -108,25 +108,53 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
+def _length_buckets(lens: list[int], fill: float = 0.75) -> list[list[int]]:
+    """Documents grouped for one padded SDPA call each: sorted longest first, a bucket takes documents down to `fill`
+    of its longest, so padding costs at most 1/fill**2 of the attention work (usually far less)."""
+    order = sorted(range(len(lens)), key=lambda i: -lens[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if lens[i] == 0:
+            continue
+        if buckets and lens[i] >= fill * lens[buckets[-1][0]]:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
 def _sdpa_ref(q, k, v, seq_lens, scaling, sliding_window):
-    """Causal SDPA over each document separately; host-side lengths, one loop per layer over S documents."""
-    out = torch.zeros_like(q)
-    n_rep = q.shape[1] // k.shape[1]
-    start = 0
-    for n in seq_lens:
-        end = start + n
-        qs = q[start:end].transpose(0, 1)  # (Hq, n, D)
-        ks = _repeat_kv(k[start:end], n_rep).transpose(0, 1)
-        vs = _repeat_kv(v[start:end], n_rep).transpose(0, 1)
-        if sliding_window is not None and sliding_window < n:
-            i = torch.arange(n, device=q.device)
+    """Causal SDPA over each document separately (any device; host-side lengths). Documents of similar length are
+    right-padded into one batched SDPA call per bucket: with right padding, causality alone keeps every real query
+    off the padding, and the padded rows' outputs are dropped. Tokens beyond the documents get a zero output."""
+    T, Hq, D = q.shape
+    n_rep = Hq // k.shape[1]
+    lens = [int(n) for n in seq_lens]
+    starts = [0]
+    for n in lens[:-1]:
+        starts.append(starts[-1] + n)
+    zero = lambda x: torch.cat([x, x.new_zeros(1, *x.shape[1:])])  # noqa: E731 - row T is the padding row
+    qz, kz, vz = zero(q), zero(k), zero(v)
+    vals, rows = [], []
+    for bucket in _length_buckets(lens):
+        n_max = lens[bucket[0]]
+        t = torch.arange(n_max)
+        idx = torch.stack([torch.where(t < lens[i], starts[i] + t, T) for i in bucket]).to(q.device)  # [m, n_max]
+        qs = qz[idx].transpose(1, 2)  # (m, Hq, n_max, D)
+        ks = _repeat_kv(kz[idx].flatten(0, 1), n_rep).unflatten(0, idx.shape).transpose(1, 2)
+        vs = _repeat_kv(vz[idx].flatten(0, 1), n_rep).unflatten(0, idx.shape).transpose(1, 2)
+        if sliding_window is not None and sliding_window < n_max:
+            i = torch.arange(n_max, device=q.device)
             allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < sliding_window)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scaling)
         else:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling)
-        out[start:end] = o.transpose(0, 1)
-        start = end
-    return out
+        real = idx < T
+        vals.append(o.transpose(1, 2)[real])  # (tokens, Hq, D)
+        rows.append(idx[real])
+    if not vals:
+        return torch.zeros_like(q)
+    return torch.zeros_like(q).index_put((torch.cat(rows),), torch.cat(vals))
 
 
 @functools.cache
