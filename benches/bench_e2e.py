@@ -7,9 +7,10 @@ decay, constant lr, grad-norm clip 1.0). The reward is the task's answer check p
 digits in the answer) that a randomly initialised model can learn within a few steps, so the printed reward and
 loss trends show both trainers are really training.
 
-    ours        exgrpo_fast pieces composed here (train.py is being rewritten): rollout_dialogues (single turn) ->
-                rewards -> ops.group_advantages -> data.packing.pack_sequences -> model.forward.packed_hidden ->
-                ops.fused_linear_policy_loss -> backward -> AdamW
+    ours        the pieces train.grpo_step runs, composed here with this bench's reward and optimizer:
+                rollout_dialogues (single turn) -> rewards -> ops.group_advantages -> data.packing.pack_sequences ->
+                model.forward.packed_hidden -> ops.fused_linear_policy_loss (on-policy, old_logp=None, the step's
+                LossNorm) -> backward -> AdamW
     trl         trl.GRPOTrainer with transformers generation (its default without vLLM), loss_type "dapo"
                 (token-mean), beta 0, num_iterations 1
     ours-3turn  our multi-turn ExGRPO step (question + 2 probes per dialogue) at the same P, G and length per turn
@@ -45,6 +46,7 @@ from exgrpo_fast.model.loading import lm_head, load_model  # noqa: E402
 from exgrpo_fast.model.tiny import create_tiny_checkpoint  # noqa: E402
 from exgrpo_fast.rewards import score_dialogue  # noqa: E402
 from exgrpo_fast.rollout import SamplingParams, rollout_dialogues  # noqa: E402
+from exgrpo_fast.train import step_loss_norm  # noqa: E402
 
 EPS_CLIP = 0.2
 
@@ -88,19 +90,17 @@ def our_step(model, tok, optimizer, problems, args, include_probes: bool, step: 
     advantages = ops.group_advantages(rewards, group_ids, scale="group").to(device)  # (S,)
     batches = [b.to(device) for b in pack_sequences([(r.ids, r.loss_mask) for r in rollouts], args.token_budget)]
     cfg = ops.LossConfig(loss_type="ppo", clip_low=EPS_CLIP, clip_high=EPS_CLIP, loss_agg="token-mean")
-    n_loss = sum(b.loss_labels.numel() for b in batches)
+    norm = step_loss_norm(batches)  # the whole step's normaliser, as the trainer computes it
     loss_sum = torch.zeros((), device=device)
     for b in batches:
         hidden = packed_hidden(model, b)  # (N, H)
         weight, bias = lm_head(model)
-        with torch.no_grad():  # on-policy: old log-probs are the detached current ones (ratio 1)
-            old = ops.token_logprobs_linear(hidden.detach(), weight.detach(), b.loss_labels, bias=bias)
         mask = torch.ones_like(b.loss_labels, dtype=torch.bool)
-        loss, _ = ops.fused_linear_policy_loss(hidden, weight, b.loss_labels, old, advantages[b.sample_index],
-                                               b.loss_seq_ids, mask, bias=bias, cfg=cfg)  # fmt: skip
-        w = b.loss_labels.numel() / n_loss
-        (loss * w).backward()
-        loss_sum += loss.detach() * w
+        # on-policy (old_logp=None): ratio 1 on the detached current log-probs, no extra LM-head pass
+        loss, _ = ops.fused_linear_policy_loss(hidden, weight, b.loss_labels, None, advantages[b.sample_index],
+                                               b.loss_seq_ids, mask, bias=bias, cfg=cfg, norm=norm)  # fmt: skip
+        loss.backward()  # each micro-batch's loss is its share of the step's
+        loss_sum += loss.detach()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

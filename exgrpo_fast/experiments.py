@@ -7,7 +7,7 @@ probe accuracy in-distribution):
     vanilla FT                SFT on question -> rationale + answer only (no probes), 100% of the problems
     EI SFT                    SFT on the Explanatory Inversion dialogues (question + probes)
     EI SFT + GRPO (no probes) stage 2 on the question only, task reward only
-    EI SFT + ExGRPO [mode]    stage 2 on whole dialogues, one row per DSU mode (correct, coherent, coherent_correct)
+    EI SFT + ExGRPO [mode]    stage 2 on whole dialogues, one row per DSU mode (default: coherent, correct)
     EI SFT + ExGRPO @ f       the data-efficiency sweep: both stages on a fraction f of the training problems
 
 Every cell is an ordinary `exgrpo_fast.train` run in its own folder under `<out_dir>/cells/`, and GRPO cells start
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["Cell", "ExperimentConfig", "paper_cells", "mean_ci", "summarise", "run_paper"]
+__all__ = ["Cell", "ExperimentConfig", "paper_cells", "mean_ci", "summarise", "paired_differences", "run_paper"]
 
 # two-sided 95% quantiles of Student's t, by degrees of freedom (1..30); beyond 30 the normal 1.96 is close enough
 # fmt: off
@@ -61,14 +61,19 @@ class ExperimentConfig:
     """Seeds; every row is reported as mean and 95% interval over them."""
     fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
     """Fractions of the training problems in the data-efficiency sweep."""
-    dsu_modes: tuple[str, ...] = ("correct", "coherent", "coherent_correct")
-    """DSU modes compared in the ExGRPO rows."""
+    dsu_modes: tuple[str, ...] = ("coherent", "correct")
+    """DSU modes compared in the ExGRPO rows (the first, the trainer's default, also runs the data-efficiency
+    sweep). coherent_correct is left out by default: it equals correct whenever the main answer is right, the only
+    case it scores (tested; measured identical to the digit), so its row would repeat correct's."""
     out_dir: str = "runs/paper"
     """Folder of the experiment (cells, table, plot); rerunning the command resumes it."""
     only: tuple[str, ...] = ()
     """Run only cells whose name contains one of these strings (empty = all)."""
     dry_run: bool = False
     """Print the plan (cells and their configs) without training."""
+    pretrained: str = ""
+    """A pretrained student's local checkpoint (e.g. models/smollm2-135m from exgrpo_fast.model.convert): adds its
+    zero-shot row (one eval per seed, same splits and config); "" = none."""
     workers: int = 0
     """Cells run at once, each in its own process; 0 = the preset's choice (cpu: one per core, up to 2; gpu: 1)."""
     threads: int = 0
@@ -95,6 +100,8 @@ class Cell:
     start_from: str | None = None
     row: str = ""
     """The table row this cell contributes to (several seeds per row)."""
+    zero_shot: bool = False
+    """Its eval of the starting weights (summary untrained_*) is the seed's entry in the zero-shot row."""
 
 
 def _preset_overrides(preset: str) -> dict[str, Any]:
@@ -113,7 +120,12 @@ def paper_cells(cfg: ExperimentConfig, n_train: int) -> list[Cell]:
         base = {"seed": seed, "data.seed": seed}
         sft_only = {**base, "grpo.steps": 0}
         # the zero-shot row is the vanilla FT cell's eval of the starting weights; other cells skip that eval
-        cells.append(Cell(f"vanilla-ft-s{seed}", seed, {**sft_only, "sft.use_probes": False}, row="vanilla FT"))
+        cells.append(Cell(f"vanilla-ft-s{seed}", seed, {**sft_only, "sft.use_probes": False}, row="vanilla FT",
+                          zero_shot=True))  # fmt: skip
+        if cfg.pretrained:  # a real pretrained student, evaluated as it is (both stages 0 steps: one eval)
+            name = Path(cfg.pretrained).name
+            cells.append(Cell(f"zero-shot-{name}-s{seed}", seed, {**base, "model.path": cfg.pretrained,
+                              "sft.steps": 0, "grpo.steps": 0}, row=f"zero-shot ({name})"))  # fmt: skip
         sft_only["log.eval_start"] = False
         for frac in cfg.fractions:
             n = max(16, int(round(n_train * frac)))
@@ -155,6 +167,28 @@ def summarise(results: dict[str, dict], cells: list[Cell], *, zero_shot: dict[in
         for k in metrics:
             vals = [float(r[k]) for r in runs if k in r]
             entry[k] = mean_ci(vals)
+        table.append(entry)
+    return table
+
+
+def paired_differences(results: dict[str, dict], cells: list[Cell], baseline: str) -> list[dict]:
+    """Per-seed differences of each row's accuracies from the `baseline` row's (same seed: same problems, same
+    initial model), mean and 95% interval over the seeds both have: the test for "better by more than the interval",
+    tighter than comparing two rows' own intervals because seed-to-seed variation cancels."""
+    by_row: dict[str, dict[int, dict]] = {}
+    for c in cells:
+        if c.row and c.name in results:
+            by_row.setdefault(c.row, {})[c.seed] = results[c.name]
+    base = by_row.get(baseline, {})
+    table = []
+    for row, runs in by_row.items():
+        seeds = sorted(set(runs) & set(base))
+        if row == baseline or not seeds:
+            continue
+        metrics = sorted(k for k in runs[seeds[0]] if k.startswith("acc_") and k in base[seeds[0]])
+        entry: dict[str, Any] = {"row": f"{row} - {baseline}", "n": len(seeds)}
+        for k in metrics:
+            entry[k] = mean_ci([float(runs[s][k]) - float(base[s][k]) for s in seeds])
         table.append(entry)
     return table
 
@@ -255,13 +289,17 @@ def run_paper(cfg: ExperimentConfig, train_fn: Callable[..., dict] | None = None
     for c in cells:
         summary = json.loads((out / "cells" / c.name / "summary.json").read_text())
         results[c.name] = {k.removeprefix("final_"): v for k, v in summary.items() if k.startswith("final_")}
-        if not c.start_from and c.seed not in zero_shot and any(k.startswith("untrained_") for k in summary):
+        if c.zero_shot and any(k.startswith("untrained_") for k in summary):
             zero_shot[c.seed] = {k.removeprefix("untrained_"): v for k, v in summary.items()
                                  if k.startswith("untrained_")}  # fmt: skip
     table = summarise(results, cells, zero_shot=zero_shot)
+    paired = {b: paired_differences(results, cells, b) for b in ("vanilla FT", "EI SFT")}
     text = format_table(table)
+    for b, rows in paired.items():
+        if rows:
+            text += f"\nPaired by seed, difference from {b} (mean ± 95% interval):\n\n" + format_table(rows)
     (out / "paper.md").write_text(text)
-    (out / "paper.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": table,
+    (out / "paper.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": table, "paired": paired,
                                                 "cells": results}, indent=2) + "\n")  # fmt: skip
     plot_table(table, out / "paper.png")
     print(text)

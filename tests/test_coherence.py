@@ -62,3 +62,36 @@ def test_availability_and_errors():
         probe_coherence({}, 0, "1", "1")
     assert parse_number("3/4") == parse_number("0.75")
     assert parse_number("seven") is None
+
+
+def test_coherent_correct_equals_correct_when_the_answer_is_right():
+    """With a right main answer, the probe answers coherent with it are exactly the right ones, so on the built-in
+    task DSU `coherent_correct` (r_task * coherence) equals `correct` (r_task * probe correctness) for any replies
+    (the paper experiment measured the two modes identical to the digit); `coherent` is the mode that differs."""
+    import random
+
+    from exgrpo_fast.rewards import RewardConfig, score_dialogue
+
+    rng = random.Random(0)
+    differs = 0
+    for p in _problems():
+        checkable = [q for q in p.probes if q.kind != "explain"]
+        for _ in range(8):
+            main = p.answer if rng.random() < 0.7 else str(int(p.answer) + rng.choice([-3, -1, 2]))
+            replies = []
+            for q in checkable:  # a mix of right, off-by-some and unparseable probe replies
+                r = rng.random()
+                if q.answer in ("yes", "no"):
+                    replies.append(rng.choice(["yes", "no", "maybe"]))
+                else:
+                    replies.append(
+                        q.answer if r < 0.5 else str(int(q.answer) + rng.choice([-2, 1])) if r < 0.9 else "?"
+                    )
+            responses = [f"#### {main}"] + [f"#### {x}" for x in replies]
+            dsu = {
+                m: score_dialogue(p, responses, RewardConfig(dsu_mode=m))["dsu"]
+                for m in ("correct", "coherent", "coherent_correct")
+            }
+            assert dsu["coherent_correct"] == dsu["correct"], (p.question, responses)
+            differs += dsu["coherent"] != dsu["correct"]
+    assert differs > 50  # the property is not vacuous: `coherent` does differ

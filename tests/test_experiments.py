@@ -28,7 +28,11 @@ def test_grid_shares_sft_and_covers_the_rows():
     assert {"vanilla FT", "EI SFT", "EI SFT + GRPO (no probes)"} <= rows
     assert {f"EI SFT + ExGRPO [{m}]" for m in cfg.dsu_modes} <= rows
     assert sum(r.startswith("EI SFT + ExGRPO @") for r in rows) == 3  # 10, 25, 50 %
-    assert len(cells) == 3 * (1 + 4 + 1 + 3 + 3)
+    assert len(cells) == 3 * (1 + 4 + 1 + len(cfg.dsu_modes) + 3)
+    pre = paper_cells(ExperimentConfig(seeds=(0, 1), pretrained="models/smollm2-135m"), 2048)
+    zs = [c for c in pre if c.row == "zero-shot (smollm2-135m)"]
+    assert len(zs) == 2 and all(c.overrides["model.path"] == "models/smollm2-135m" for c in zs)
+    assert all(c.overrides["sft.steps"] == c.overrides["grpo.steps"] == 0 and not c.zero_shot for c in zs)
     only = paper_cells(ExperimentConfig(seeds=(0,), only=("grpo-no-probes",)), 2048)
     assert [c.name for c in only] == ["ei-sft-100pct-s0", "grpo-no-probes-s0"]
 
@@ -67,7 +71,13 @@ def test_run_paper_writes_table_and_resumes(tmp_path):
     mean, half = by_row["EI SFT"]["acc_id"]
     assert mean == pytest.approx(0.25) and half == pytest.approx(12.706 * (0.1 / 2**0.5) / 2**0.5)
     assert by_row["EI SFT + ExGRPO [correct]"]["acc_id"][0] == pytest.approx(0.35)
+    # paired by seed: every seed's GRPO cell is 0.1 above its EI SFT cell (0.3 vs 0.2 + 0.1 * seed), so the paired
+    # interval is 0 while the rows' own intervals are wide
+    paired = json.loads((tmp_path / "paper.json").read_text())["paired"]["EI SFT"]
+    diff = {r["row"]: r for r in paired}["EI SFT + ExGRPO [correct] - EI SFT"]
+    assert diff["n"] == 2 and diff["acc_id"][0] == pytest.approx(0.1) and diff["acc_id"][1] == pytest.approx(0.0)
     text = (tmp_path / "paper.md").read_text()
+    assert "difference from vanilla FT" in text
     assert "| EI SFT + ExGRPO [correct] | 2 |" in text
     assert (tmp_path / "paper.png").stat().st_size > 1000
     # resumable: a second call trains nothing and gives the same table
