@@ -95,10 +95,13 @@ def test_partial_probes_scale_dsu():
 
 
 def test_no_dsu_when_the_answer_is_wrong():
-    """Probes right but the final answer wrong: the dialogue is not coherent with the truth, so no bonus."""
-    r = score_dialogue(PROBLEM, ["Answer: 6", "Answer: 7", "Answer: no"])
+    """DSU "correct": probes right but the final answer wrong, so no bonus. "coherent" on a problem without a
+    symbolic chain falls back to probe correctness, whatever the main answer."""
+    responses = ["Answer: 6", "Answer: 7", "Answer: no"]
+    r = score_dialogue(PROBLEM, responses, RewardConfig(dsu_mode="correct"))
     assert (r["task"], r["probe"], r["dsu"]) == (0.0, 1.0, 0.0)
     assert r["total"] == pytest.approx(0.5)
+    assert score_dialogue(PROBLEM, responses, RewardConfig(dsu_mode="coherent"))["dsu"] == 1.0
 
 
 def test_missing_and_unparseable_responses():
@@ -144,8 +147,13 @@ def test_teacher_dialogues_score_full_marks(split):
         assert (r["task"], r["probe"], r["dsu"], r["format"]) == (1.0, 1.0, 1.0, 1.0), (p, replies)
         assert all(r[f"probe_{q.kind}"] == 1.0 for q in p.probes if q.kind != "explain")
         assert "probe_explain" not in r
-        wrong = score_dialogue(p, [f"Answer: {int(p.answer) + 1}"] + replies[1:])
-        assert (wrong["task"], wrong["dsu"]) == (0.0, 0.0)
+        wrong = [f"Answer: {int(p.answer) + 1}"] + replies[1:]
+        assert score_dialogue(p, wrong, RewardConfig(dsu_mode="correct"))["dsu"] == 0.0
+        r = score_dialogue(p, wrong, RewardConfig(dsu_mode="coherent"))
+        assert r["task"] == 0.0 and r["dsu"] == r["coherence"]
+        # a gold counterfactual / step reply contradicts the shifted answer (inverse and most verify replies do not)
+        kinds = {q.kind for q in p.probes}
+        assert r["coherence"] < 1.0 or not kinds & {"counterfactual", "step"}, (p, wrong)
 
 
 def test_dsu_all_mode_and_extra_responses():
