@@ -7,7 +7,7 @@ probe accuracy in-distribution):
     vanilla FT                SFT on question -> rationale + answer only (no probes), 100% of the problems
     EI SFT                    SFT on the Explanatory Inversion dialogues (question + probes)
     EI SFT + GRPO (no probes) stage 2 on the question only, task reward only
-    EI SFT + ExGRPO [mode]    stage 2 on whole dialogues, one row per DSU mode (default: coherent, correct)
+    EI SFT + ExGRPO [mode]    stage 2 on whole dialogues, one row per DSU mode (default: correct, coherent)
     EI SFT + ExGRPO @ f       the data-efficiency sweep: both stages on a fraction f of the training problems
 
 Every cell is an ordinary `exgrpo_fast.train` run in its own folder under `<out_dir>/cells/`, and GRPO cells start
@@ -61,7 +61,7 @@ class ExperimentConfig:
     """Seeds; every row is reported as mean and 95% interval over them."""
     fractions: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
     """Fractions of the training problems in the data-efficiency sweep."""
-    dsu_modes: tuple[str, ...] = ("coherent", "correct")
+    dsu_modes: tuple[str, ...] = ("correct", "coherent")
     """DSU modes compared in the ExGRPO rows (the first, the trainer's default, also runs the data-efficiency
     sweep). coherent_correct is left out by default: it equals correct whenever the main answer is right, the only
     case it scores (tested; measured identical to the digit), so its row would repeat correct's."""
@@ -71,6 +71,8 @@ class ExperimentConfig:
     """Run only cells whose name contains one of these strings (empty = all)."""
     dry_run: bool = False
     """Print the plan (cells and their configs) without training."""
+    grpo_steps: int = 0
+    """ExGRPO steps of the GRPO cells; 0 = the preset's (cpu: 25)."""
     pretrained: str = ""
     """A pretrained student's local checkpoint (e.g. models/smollm2-135m from exgrpo_fast.model.convert): adds its
     zero-shot row (one eval per seed, same splits and config); "" = none."""
@@ -237,6 +239,8 @@ def run_paper(cfg: ExperimentConfig, train_fn: Callable[..., dict] | None = None
         train_fn, build_cfg = train_fn or train, build_cfg or config_from_overrides
     out = Path(cfg.out_dir)
     base = _preset_overrides(cfg.preset)
+    if cfg.grpo_steps:
+        base["grpo.steps"] = cfg.grpo_steps  # SFT cells override it with 0
     n_train = build_cfg(dict(base)).data.n_train
     cells = paper_cells(cfg, n_train)
     if cfg.dry_run:

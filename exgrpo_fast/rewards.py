@@ -4,7 +4,7 @@
 
 r_task: the first response's answer matches the gold answer. r_k: the k-th checkable probe's answer matches its
 reference (a missing response counts wrong). DSU (RewardConfig.dsu_mode) rewards a dialogue that holds together:
-"correct" r_task * mean_k r_k; "coherent" (default) mean_k c_k, where c_k says whether probe k's answer is what the
+"correct" (default) r_task * mean_k r_k; "coherent" mean_k c_k, where c_k says whether probe k's answer is what the
 student's OWN main answer implies (data/coherence.py: a counterfactual answer moved from its own answer by the
 changed premise, a verdict matching its own answer, an intermediate step consistent with its own answer), whatever
 the truth; "coherent_correct" r_task * mean_k c_k (equal to "correct" wherever c_k is exact: a right main answer
@@ -102,13 +102,13 @@ class RewardConfig:
     """Weight of the Dialogue Structure Utility bonus."""
     format_weight: float = 0.0
     """Weight of the fraction of responses with a parseable answer."""
-    dsu_mode: Literal["correct", "coherent", "coherent_correct", "all"] = "coherent"
-    """Dialogue Structure Utility bonus. "coherent" (default): mean over probes of whether the student's probe answer
-    is consistent with its OWN main answer (data.coherence; independent of the gold answer; problems without a
-    symbolic chain fall back to probe correctness); "correct": r_task * mean probe correctness; "coherent_correct":
+    dsu_mode: Literal["correct", "coherent", "coherent_correct", "all"] = "correct"
+    """Dialogue Structure Utility bonus. "correct" (default): r_task * mean probe correctness; "coherent": mean over
+    probes of whether the student's probe answer is consistent with its OWN main answer (data.coherence; independent
+    of the gold answer; problems without a symbolic chain fall back to probe correctness); "coherent_correct":
     r_task * coherence (equals "correct" on the built-in task); "all": 1 only when the answer and every probe are
-    right. Default chosen by the paper experiment (README "Experiments"): over 7 seeds coherent was no worse than
-    correct on any accuracy, and it is the mode that scores what the DSU is meant to reward."""
+    right. Default chosen by the paper experiment (README "Experiments"): the modes tie within their intervals, and
+    under "coherent" the DSU term rises while the task reward stays flat (coherence learned without correctness)."""
 
     def __post_init__(self) -> None:
         for name in ("task_weight", "probe_weight", "dsu_weight", "format_weight"):

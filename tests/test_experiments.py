@@ -2,6 +2,7 @@
 
 import json
 import types
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,16 @@ def test_cells_skip_evals_of_weights_already_evaluated():
     evaluated elsewhere."""
     for c in paper_cells(ExperimentConfig(seeds=(0,)), 2048):
         assert c.overrides.get("log.eval_start", True) == c.name.startswith("vanilla-ft"), c.name
+
+
+def test_grpo_steps_option_reaches_grpo_cells_only(tmp_path):
+    seen = {}
+
+    def train_fn(cfg, run_dir):
+        seen[Path(run_dir).name] = cfg.overrides["grpo.steps"]
+        _picklable_fake_train(cfg, run_dir)
+
+    cfg = ExperimentConfig(seeds=(0,), fractions=(1.0,), dsu_modes=("correct",), out_dir=str(tmp_path), workers=1,
+                           grpo_steps=60)  # fmt: skip
+    run_paper(cfg, train_fn, _fake_build)
+    assert seen == {"vanilla-ft-s0": 0, "ei-sft-100pct-s0": 0, "grpo-no-probes-s0": 60, "exgrpo-correct-s0": 60}
