@@ -61,6 +61,16 @@ def env_facts(device: torch.device) -> dict[str, str]:
     }
 
 
+def model_setup(preset: str | None, threads: int | None = None, *, cpu: bool = False):
+    """(device, preset, dtype) of a model bench: CUDA when available (unless cpu) with the gpu-0.5b preset in bf16,
+    else CPU with the tiny preset in fp32; `preset` overrides the preset, `threads` sets torch's CPU threads."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    on_gpu = device.type == "cuda"
+    return device, preset or ("gpu-0.5b" if on_gpu else "tiny"), torch.bfloat16 if on_gpu else torch.float32
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

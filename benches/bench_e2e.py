@@ -36,7 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benches._common import env_facts, sync, write_csv  # noqa: E402
+from benches._common import env_facts, model_setup, sync, write_csv  # noqa: E402
 from exgrpo_fast import ops  # noqa: E402
 from exgrpo_fast.data.dialogue import end_of_turn_ids  # noqa: E402
 from exgrpo_fast.data.packing import pack_sequences  # noqa: E402
@@ -225,11 +225,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    preset = args.preset or ("gpu-0.5b" if device.type == "cuda" else "tiny")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, preset, dtype = model_setup(args.preset, args.threads)
     path = create_tiny_checkpoint(Path(tempfile.mkdtemp()) / preset, preset=preset, seed=0)
     problems = make_problems(args.problems * args.steps, seed=0)
     per_step = [problems[i * args.problems : (i + 1) * args.problems] for i in range(args.steps)]

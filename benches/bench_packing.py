@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benches._common import env_facts, peak_extra_bytes, time_ms, write_csv  # noqa: E402
+from benches._common import env_facts, model_setup, peak_extra_bytes, time_ms, write_csv  # noqa: E402
 from exgrpo_fast.data.packing import pack_sequences  # noqa: E402
 from exgrpo_fast.model import attention  # noqa: E402
 from exgrpo_fast.model.forward import packed_hidden_states  # noqa: E402
@@ -39,9 +39,7 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=2048)
     args = p.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    preset = args.preset or ("gpu-0.5b" if device.type == "cuda" else "tiny")
+    device, preset, dtype = model_setup(args.preset, cpu=args.smoke)
     n = args.num_seqs or (64 if device.type == "cuda" else 8)
     mean_log, max_len = (6.0, args.max_len) if device.type == "cuda" else (3.5, 96)
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benches._common import env_facts, sync, write_csv  # noqa: E402
+from benches._common import env_facts, model_setup, sync, write_csv  # noqa: E402
 from exgrpo_fast.data.dialogue import encode_prompt, end_of_turn_ids  # noqa: E402
 from exgrpo_fast.data.tasks import builtin_dataset, rollout_user_turns  # noqa: E402
 from exgrpo_fast.model.loading import load_model  # noqa: E402
@@ -183,11 +183,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     args = p.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    preset = args.preset or ("gpu-0.5b" if device.type == "cuda" else "tiny")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, preset, dtype = model_setup(args.preset, args.threads)
     batches = args.batches or ([8, 32, 128, 256] if device.type == "cuda" else [8, 32, 128])
     path = create_tiny_checkpoint(Path(tempfile.mkdtemp()) / preset, preset=preset, seed=0)
     model, tok = load_model(path, dtype=dtype, device=device)

@@ -264,9 +264,9 @@ def run_paper(cfg: ExperimentConfig, train_fn: Callable[..., dict] | None = None
         print(f"[{len(done_names)}/{len(cells)}] {c.name} done ({time.perf_counter() - t0:.0f}s) | {accs}", flush=True)
 
     if cfg.workers <= 1:
+        _set_threads(cfg.threads)
         for c in todo:
             run_cfg, run_dir = job(c)
-            _set_threads(cfg.threads)
             train_fn(run_cfg, run_dir=str(run_dir))
             done_names.add(c.name)
             report(c)
