@@ -78,14 +78,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _full_state(model, optimizer) -> tuple[dict, dict | None]:
-    """Model and optimizer state dicts, gathered to full tensors when the model is FSDP2-sharded."""
-    if _is_distributed():
+def _has_dtensors(tensors: Iterable) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def _full_state(model, optimizer, model_state: dict | None = None) -> tuple[dict, dict | None]:
+    """Model and optimizer state dicts, gathered to full tensors when the model is FSDP2-sharded (any world size:
+    a half-dtype student is sharded over a mesh of one). model_state: the model's state dict, when the caller
+    built it (a merged LoRA export)."""
+    if model_state is None and _has_dtensors(model.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        msd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return msd, _full_tensors(optimizer.state_dict()) if optimizer is not None else None
-    return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+        model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    osd = optimizer.state_dict() if optimizer is not None else None
+    if osd is not None and _has_dtensors(v for st in osd["state"].values() for v in st.values()):
+        osd = _full_tensors(osd)
+    return (model_state if model_state is not None else model.state_dict()), osd
 
 
 def _full_tensors(osd: dict) -> dict:
@@ -270,6 +280,8 @@ def save_checkpoint(
     extra: dict | None = None,
     keep_last: int | None = None,
     keep: Iterable[str | Path] = (),
+    model_state: dict | None = None,
+    tensor_files: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write a checkpoint to ckpt_dir crash-safely (see the module docstring); rank 0 writes, and every rank must
     call under FSDP2 (the state is gathered). Overwriting an existing ckpt_dir is safe too.
@@ -277,11 +289,14 @@ def save_checkpoint(
     keep_last: after the save, keep only the newest keep_last checkpoints *of this stage* in ckpt_dir's parent
     (None or 0 = keep all); checkpoints of other stages (e.g. the SFT end that GRPO uses as its reference) and the
     paths in `keep` are never removed by it.
+
+    model_state: the state dict to export under `model`'s config (default: the model's own, gathered under FSDP2);
+    tensor_files: {file name: tensors} written beside it as safetensors (float32 masters, LoRA adapters).
     """
     ckpt_dir = Path(ckpt_dir)
     if keep_last is not None and keep_last < 0:
         raise ValueError(f"keep_last={keep_last}: expected >= 0 (0 or None = keep all)")
-    model_sd, optim_sd = _full_state(model, optimizer)
+    model_sd, optim_sd = _full_state(model, optimizer, model_state)
     if _rank() == 0:
         root = ckpt_dir.parent
         root.mkdir(parents=True, exist_ok=True)
@@ -302,6 +317,10 @@ def save_checkpoint(
         unwrapped.save_pretrained(tmp, state_dict=model_sd, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, tensors in (tensor_files or {}).items():
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
         _crash_point("writing")
         torch.save(state, tmp / STATE_FILE)
         _fsync_tree(tmp)
@@ -366,7 +385,8 @@ def load_trainer_state(ckpt_dir: str | Path) -> dict:
 def restore(state: dict, model=None, optimizer=None, scheduler=None, *, restore_rng: bool = True) -> None:
     """Load optimizer / scheduler / RNG states saved by save_checkpoint (model weights come from the HF dir)."""
     if optimizer is not None and state.get("optimizer") is not None:
-        osd = _shard_like(state["optimizer"], optimizer) if _is_distributed() else state["optimizer"]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        osd = _shard_like(state["optimizer"], optimizer) if _has_dtensors(params) else state["optimizer"]
         optimizer.load_state_dict(osd)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])

@@ -56,13 +56,32 @@ class ModelConfig:
     preset: str = "tiny"
     """Built-in model preset used when model.path is empty: one of exgrpo_fast.model.tiny.TINY_PRESETS."""
     dtype: str = "float32"
-    """Parameter / compute dtype: float32, bfloat16 or float16."""
+    """Compute dtype: float32 or bfloat16 (float16 only for eval: training it needs a loss scaler). The weights the
+    optimizer updates stay float32 (master weights; see exgrpo_fast.model.student); activations, the KV cache and the
+    frozen reference / teacher use this dtype, and checkpoints export the model in it."""
     device: str = "auto"
     """"auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ..."""
     attn_backend: str = "auto"
     """Varlen attention backend for packed training forwards (see exgrpo_fast.model.loading)."""
     teacher_path: str = ""
     """HF checkpoint of the teacher for token-level guidance (loss.teacher_beta) and probe writing; "" = none."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward instead of keeping its activations (gradients are identical;
+    the update costs about one more forward)."""
+    lora_rank: int = 0
+    """LoRA adapter rank (peft, `pip install -e '.[lora]'`); 0 = full fine-tuning. The base stays frozen in
+    model.dtype, adapters are float32, the KL reference is the base with adapters disabled."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator (the update is B A * lora_alpha / lora_rank)."""
+    lora_targets: tuple[str, ...] = ("all-linear",)
+    """Module names (suffixes) that get adapters; ("all-linear",) = every linear layer but the LM head."""
+    grad_sync: Literal["step", "micro_batch"] = "step"
+    """FSDP: reduce-scatter gradients once per optimizer step, accumulating them unsharded in float32 over the
+    micro-batches (4 bytes per parameter while the step runs), or after every micro-batch (sharded accumulation, one
+    reduce-scatter per micro-batch)."""
+    deterministic: bool = False
+    """Bit-reproducible GPU runs: deterministic attention backward where the backend has one (flash-attn) and
+    torch.use_deterministic_algorithms; see docs/reliability.md for what stays nondeterministic."""
 
 
 @dataclass
@@ -232,6 +251,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     choose("ops_backend", cfg.ops_backend, ("auto", "triton", "reference"))
     choose("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
+    if cfg.model.dtype == "float16" and (cfg.sft.steps > 0 or cfg.grpo.steps > 0):
+        _fail("model.dtype", cfg.model.dtype, "float16 training needs a loss scaler, which this trainer does not have "
+              "(small gradients underflow fp16); train in bfloat16 (float16 is accepted for eval)")  # fmt: skip
+    positive("model.lora_rank", cfg.model.lora_rank, zero_ok=True)
+    positive("model.lora_alpha", cfg.model.lora_alpha)
+    if cfg.model.lora_rank > 0:
+        if not cfg.model.lora_targets:
+            _fail("model.lora_targets", cfg.model.lora_targets, "expected at least one module name or 'all-linear'")
+        head = {"lm_head", "embed_tokens", "embed_out", "output"} & set(cfg.model.lora_targets)
+        if head:
+            _fail("model.lora_targets", cfg.model.lora_targets, f"{sorted(head)[0]!r}: the LM head and the embeddings "
+                  "stay frozen (the fused LM-head loss reads the plain weight)")  # fmt: skip
+    choose("model.grad_sync", cfg.model.grad_sync, ("step", "micro_batch"))
     if not (cfg.model.device == "auto" or cfg.model.device.split(":")[0] in ("cpu", "cuda")):
         _fail("model.device", cfg.model.device, "expected auto, cpu, cuda or cuda:N")
     for name in ("data.n_train", "data.n_test", "sft.batch_size", "grpo.problems_per_step", "grpo.updates_per_batch",

@@ -58,8 +58,9 @@ from exgrpo_fast.data.packing import PackedBatch, pack_sequences
 from exgrpo_fast.data.problem import Dialogue, Problem, sft_dialogue
 from exgrpo_fast.data.splits import load_data
 from exgrpo_fast.eval import evaluate, format_eval
-from exgrpo_fast.model.forward import packed_hidden
-from exgrpo_fast.model.loading import lm_head, load_model
+from exgrpo_fast.model.flops import FlopShape, forward_flops, peak_flops
+from exgrpo_fast.model.loading import load_model
+from exgrpo_fast.model.student import PackedPolicy, Student, load_student, needs_process_group
 from exgrpo_fast.model.tiny import create_tiny_checkpoint
 from exgrpo_fast.reference import LossConfig
 from exgrpo_fast.rewards import score_dialogue
@@ -70,19 +71,46 @@ from exgrpo_fast.validate import validate_run
 # set-up helpers
 
 
-def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). Initialises a process group when torchrun set WORLD_SIZE > 1."""
+def resolve_device(name: str) -> torch.device:
+    """ "auto" -> cuda if available, else cpu; "cuda" -> the current CUDA device with its index (cuda:N)."""
+    want = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(want)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@contextlib.contextmanager
+def distributed(cfg: TrainConfig) -> Iterator[tuple[int, int, torch.device]]:
+    """(rank, world_size, device) for the run, with the process group it needs, destroyed on exit if made here.
+
+    torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on CPU, each rank on cuda:LOCAL_RANK. One process: the configured
+    device is made current (Triton launches and CUDA graph capture use the current device, so cuda:N with N != 0
+    needs it), and a sharded student (a half compute dtype with float32 masters: FSDP2 on a mesh of one) gets a
+    one-process group over an in-memory store."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    want = cfg.model.device if cfg.model.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.model.device)
+    owned = False
     if world > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if want.startswith("cuda") else "gloo")
-        rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(f"cuda:{local}") if want.startswith("cuda") else torch.device("cpu")
         if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return rank, world, device
-    return 0, 1, torch.device(want)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            owned = True
+        rank = dist.get_rank()
+    else:
+        rank = 0
+        if needs_process_group(cfg.model, world) and not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            owned = True
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        yield rank, world, device
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
@@ -111,8 +139,13 @@ def lr_lambda(warmup: int, total: int, min_frac: float) -> Callable[[int], float
 def make_optimizer(
     model: torch.nn.Module, cfg: TrainConfig, lr: float, warmup: int, total: int
 ) -> tuple[torch.optim.Optimizer, LRScheduler]:
-    """(AdamW over the trainable params, its warmup + cosine LambdaLR)."""
+    """(AdamW over the trainable params, its warmup + cosine LambdaLR). Under FSDP2 every parameter must be a
+    sharded DTensor here (a gathered root would hand the optimizer its temporary copies: see release_root)."""
+    from torch.distributed.tensor import DTensor
+
     params = [p for p in model.parameters() if p.requires_grad]
+    if any(isinstance(p, DTensor) for p in params) and not all(isinstance(p, DTensor) for p in params):
+        raise RuntimeError("FSDP2 root is gathered while the optimizer is built: reshard it first (release_root)")
     optimizer = torch.optim.AdamW(
         params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
     )
@@ -120,54 +153,13 @@ def make_optimizer(
     return optimizer, scheduler
 
 
-class PackedPolicy(torch.nn.Module):
-    """policy(batch) -> (hidden [N, H] at the loss positions, LM head weight [V, H], bias | None).
-
-    The training forward goes through this module so that, under FSDP2, it is the root: its params (embeddings,
-    final norm, LM head) are gathered for the forward and stay gathered (reshard_after_forward=False) while the fused
-    loss reads the LM head weight; their grads are reduce-scattered by the root's post-backward."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        hidden = packed_hidden(self.model, batch)  # (N, H)
-        weight, bias = lm_head(self.model)
-        return hidden, weight, bias
-
-
-def shard_model(policy: PackedPolicy, world: int) -> PackedPolicy:
-    """FSDP2: shard every decoder layer, then the root (see PackedPolicy)."""
-    if world == 1:
-        return policy
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in policy.model.model.layers:
-        fully_shard(layer)
-    fully_shard(policy, reshard_after_forward=False)
-    return policy
-
-
-@contextlib.contextmanager
-def gathered(policy: PackedPolicy, world: int) -> Iterator[None]:
-    """Sampling calls the HF model directly (not the FSDP root): gather the root's params around it."""
-    if world > 1:
-        policy.unshard()
-    try:
-        yield
-    finally:
-        if world > 1:
-            policy.reshard()
-
-
-def clip_grad_norm(model: torch.nn.Module, max_norm: float, world: int) -> torch.Tensor:
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Global grad norm (sharded and replicated params alike), clipped in place when max_norm > 0. No host sync."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if world == 1:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     from torch.distributed.tensor import DTensor
 
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not any(isinstance(p.grad, DTensor) for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     sharded = sum((p.grad.to_local().float() ** 2).sum() for p in params if isinstance(p.grad, DTensor))
     sharded = torch.as_tensor(sharded, dtype=torch.float32)
     dist.all_reduce(sharded)
@@ -181,15 +173,12 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float, world: int) -> torch
     return norm
 
 
-def mfu(n_params: int, tokens_fwd_bwd: int, tokens_fwd: int, dt: float, device: torch.device) -> float | None:
-    """Model FLOPs utilisation (6N per trained token, 2N per forward-only token) on a known GPU."""
-    if device.type != "cuda":
+def mfu(flops: float, seconds: float, device: torch.device, dtype: torch.dtype) -> float | None:
+    """Model FLOPs utilisation of `flops` run in `seconds` on a GPU of known peak (exgrpo_fast.model.flops)."""
+    if device.type != "cuda" or seconds <= 0:
         return None
-    name = torch.cuda.get_device_name(device)
-    peak = 989e12 if ("H100" in name or "H200" in name) else 312e12 if "A100" in name else None
-    if peak is None:
-        return None
-    return (6 * n_params * tokens_fwd_bwd + 2 * n_params * tokens_fwd) / dt / peak
+    peak = peak_flops(torch.cuda.get_device_name(device), dtype)
+    return None if peak is None else flops / seconds / peak
 
 
 class Logger:
@@ -253,15 +242,30 @@ class Run:
     world: int
     device: torch.device
     run_dir: Path
-    model: torch.nn.Module
-    tokenizer: Any
-    policy: PackedPolicy
+    student: Student
     log: Logger
     problems: list[Problem]
     test_splits: dict[str, list[Problem]]
     extra: dict  # {"evals": {tag: metrics}, "ref_path": ...}: saved in every checkpoint
     n_params: int
     stop_after: int | None = None  # global step after which to checkpoint and return (tests: an interruption)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The HF model the optimizer trains (float32 masters; FSDP2-sharded or peft-wrapped as the config says)."""
+        return self.student.model
+
+    @property
+    def policy(self) -> PackedPolicy:
+        return self.student.policy
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.student.tokenizer
+
+    @property
+    def flop_shape(self) -> FlopShape:
+        return self.student.flop_shape
 
     def evaluate(self, tag: str, global_step: int, *, same_as: str = "") -> dict:
         """Greedy multi-turn eval on the held-out splits, logged and kept in extra["evals"][tag]. same_as names an
@@ -274,12 +278,11 @@ class Run:
             self.log.log("eval", global_step, global_step, {"tag": tag, **m}, line)
             return m
         t0 = time.perf_counter()
-        with gathered(self.policy, self.world):
-            m = evaluate(
-                self.model, self.tokenizer, self.test_splits, reward_cfg=self.cfg.reward,
-                max_new_tokens=self.cfg.rollout.max_new_tokens, batch_size=self.cfg.rollout.batch_size,
-                include_probes=True, progress=self.cfg.log.progress and self.rank == 0,
-            )  # fmt: skip
+        m = evaluate(
+            self.student.sampler, self.tokenizer, self.test_splits, reward_cfg=self.cfg.reward,
+            max_new_tokens=self.cfg.rollout.max_new_tokens, batch_size=self.cfg.rollout.batch_size,
+            include_probes=True, progress=self.cfg.log.progress and self.rank == 0,
+        )  # fmt: skip
         m["eval_s"] = time.perf_counter() - t0
         self.extra["evals"][tag] = m
         self.log.log("eval", global_step, global_step, {"tag": tag, **m}, f"eval {tag} | " + format_eval(m))
@@ -290,9 +293,10 @@ class Run:
         metrics.jsonl back to exactly here; the stage's older checkpoints beyond log.keep_last are removed."""
         path = self.run_dir / "checkpoints" / f"{stage}-{step:06d}"
         self.extra["log_position"] = self.log.position()
+        export, state, files = self.student.export()  # HF export in the compute dtype + float32 masters / adapters
         ckpt_lib.save_checkpoint(
-            path, self.model, self.tokenizer, optimizer=optimizer, scheduler=scheduler, stage=stage, step=step,
-            extra=self.extra, keep_last=self.cfg.log.keep_last,
+            path, export, self.tokenizer, optimizer=optimizer, scheduler=scheduler, stage=stage, step=step,
+            extra=self.extra, keep_last=self.cfg.log.keep_last, model_state=state, tensor_files=files,
             keep=[self.extra["ref_path"]] if "ref_path" in self.extra else [],
         )  # fmt: skip
         return path
@@ -315,18 +319,21 @@ class Stage:
 
 
 class OptimizerStep:
-    """Clip, skip if the loss or the grad norm is non-finite, step, zero the grads. `step_fn`s call it once per
-    update; it remembers the last update's grad norm and whether it was skipped."""
+    """Reduce (LoRA over ranks), clip, skip if the loss or the grad norm is non-finite, step, refresh the sampler's
+    copy of the weights, zero the grads. `step_fn`s call it once per update; it remembers the last update's grad norm
+    and whether it was skipped."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float, world: int):
-        self.model, self.optimizer, self.grad_clip, self.world = model, optimizer, grad_clip, world
+    def __init__(self, student: Student, optimizer: torch.optim.Optimizer, grad_clip: float):
+        self.student, self.optimizer, self.grad_clip = student, optimizer, grad_clip
         self.grad_norm, self.finite = torch.zeros(()), True
 
     def __call__(self, loss: torch.Tensor) -> None:
-        self.grad_norm = clip_grad_norm(self.model, self.grad_clip, self.world)
+        self.student.reduce_gradients()
+        self.grad_norm = clip_grad_norm(self.student.model, self.grad_clip)
         self.finite = bool(torch.isfinite(loss) & torch.isfinite(self.grad_norm))  # sync: skip non-finite steps
         if self.finite:
             self.optimizer.step()
+            self.student.refresh_sampler()
         self.optimizer.zero_grad(set_to_none=True)
 
 
@@ -344,10 +351,11 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
     optimizer update; this owns the rest (optimizer, schedule, clipping and non-finite skip, logging, evals,
     checkpoints, the stop). Returns {"history": per-step metrics, "ckpt": final checkpoint} or {"stopped_at": ...}."""
     cfg = run.cfg
+    run.model.train()  # from_pretrained returns eval mode; activation checkpointing only acts in train mode
     optimizer, scheduler = make_optimizer(run.model, cfg, stage.lr, stage.warmup, stage.steps)
     if state is not None and state["stage"] == stage.name:
         ckpt_lib.restore(state, run.model, optimizer, scheduler)
-    update = OptimizerStep(run.model, optimizer, cfg.optim.grad_clip, run.world)
+    update = OptimizerStep(run.student, optimizer, cfg.optim.grad_clip)
     bar = _progress(cfg, run.rank, stage.steps, start, stage.name)
     history = run.extra.setdefault("history", {}).setdefault(stage.name, [])  # saved with checkpoints: a resumed
     del history[start:]  # run's summary covers every step, as a straight run's does
@@ -361,10 +369,12 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
         bar.update(1)
         ops.raise_deferred_errors()  # sync: the step's deferred input checks, read with its metrics
         m = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in m.items()}  # sync: metrics
-        m.update(grad_norm=update.grad_norm.item(), lr=lr, skipped=int(not update.finite))
-        m.update(tok_per_s=m["tokens"] * run.world / dt, step_s=dt)
-        if run.world > 1:
-            m = _all_reduce_mean(m, run.device)
+        m.update(grad_norm=update.grad_norm.item(), lr=lr, skipped=int(not update.finite), step_s=dt)
+        m = reduce_metrics(m, run.world, run.device)
+        m["tok_per_s"] = m["tokens"] / m["step_s"]
+        util = mfu(m.pop("flops") / run.world, m.get("t_train", m["step_s"]), run.device, run.student.compute_dtype)
+        if util is not None:
+            m["mfu"] = util
         history.append(m)
         global_step, done = stage.offset + step, step + 1
         if step % cfg.log.log_every == 0 or done == stage.steps or not update.finite:
@@ -383,18 +393,66 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
     return {"history": history, "ckpt": run.save(stage.name, stage.steps, optimizer, scheduler)}
 
 
-def agreed_micro_batches(n: int, world: int, device: torch.device) -> int:
-    """The largest micro-batch count of any rank (one all-reduce MAX; n itself on one process).
+# How each metric of a step combines over ranks (one all-reduce per kind). Sums: the loss and the loss stats are
+# each rank's share of the global value (their normalisers are the step's global counts), token counts add up. Max:
+# a maximum and the wall times (the slowest rank sets the step's pace). Mean: per-rank rates. Everything else is the
+# same on every rank by construction (grad norm, lr, skip flag; reward metrics are computed from all ranks' samples).
+SUM_METRICS = ("loss", "tokens", "update_tokens", "clip_frac_low", "clip_frac_high", "ratio_mean", "kl_ref",
+               "kl_teacher", "entropy", "flops")  # fmt: skip
+MAX_METRICS = ("ratio_max", "step_s", "t_rollout", "t_logp", "t_update", "t_train")
+MEAN_METRICS = ()
 
-    Every rank then runs that many forwards and backwards, the missing ones on a copy of its last micro-batch with
-    weight 0 (no gradient, same shapes), so the FSDP all-gathers and reduce-scatters of each micro-batch pair up
-    across ranks: ranks that pack their own sequences into different counts would otherwise fall out of step and
-    deadlock or exchange mismatched buffers."""
+
+def reduce_metrics(m: dict, world: int, device: torch.device) -> dict:
+    """A step's metrics over all ranks, each reduced by its meaning (SUM/MAX/MEAN_METRICS); host floats in and out."""
     if world == 1:
-        return n
-    count = torch.tensor([n], dtype=torch.int64, device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    return int(count.item())  # sync: once per step, before the micro-batch loop
+        return m
+    out = dict(m)
+    for names, op in ((SUM_METRICS, dist.ReduceOp.SUM), (MAX_METRICS, dist.ReduceOp.MAX),
+                      (MEAN_METRICS, dist.ReduceOp.SUM)):  # fmt: skip
+        keys = [k for k in names if k in m]
+        if not keys:
+            continue
+        t = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64, device=comm_device(device))
+        dist.all_reduce(t, op=op)
+        out.update(zip(keys, t.tolist()))  # sync: metrics, once per kind
+    for k in MEAN_METRICS:
+        if k in out:
+            out[k] /= world
+    return out
+
+
+def comm_device(device: torch.device) -> torch.device:
+    """Where small host-number collectives run: the device under nccl, the CPU under gloo."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """What every rank must agree on before a step's micro-batch loop, from all ranks' packed batches."""
+
+    micro_batches: int  # the largest micro-batch count of any rank: every rank runs that many (padding: weight 0)
+    norm: ops.LossNorm  # the global step's loss normaliser: loss tokens, live sequences, longest loss length
+
+
+def step_counts(batches: list[PackedBatch], world: int, device: torch.device) -> StepCounts:
+    """StepCounts from this rank's micro-batches and, under torch.distributed, every other rank's (one all-gather of
+    four host numbers per step, before the micro-batch loop).
+
+    Every rank runs the same number of forwards and backwards, the missing ones on a copy of its last micro-batch
+    with weight 0, so the FSDP all-gathers and reduce-scatters of each micro-batch pair up across ranks. The loss
+    normaliser covers the global batch, so each rank's loss is its share of the global loss and gradients summed
+    over ranks equal one process's on the same data (see exgrpo_fast.model.student)."""
+    local = step_loss_norm(batches)
+    if world == 1:
+        return StepCounts(len(batches), local)
+    row = torch.tensor([len(batches), local.num_tokens, local.num_seqs, local.max_len], dtype=torch.float64,
+                       device=comm_device(device))  # fmt: skip
+    rows = [torch.empty_like(row) for _ in range(world)]
+    dist.all_gather(rows, row)
+    table = torch.stack(rows).tolist()  # sync: once per step, before the micro-batch loop
+    norm = ops.LossNorm(sum(r[1] for r in table), sum(r[2] for r in table), max(r[3] for r in table))
+    return StepCounts(int(max(r[0] for r in table)), norm)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -410,17 +468,21 @@ def sft_step(run: Run, step: int, update: OptimizerStep) -> dict:
     seqs = [encode_dialogue(run.tokenizer, sft_dialogue(run.problems[i], include_probes=include))
             for i in idx[run.rank :: run.world]]  # fmt: skip
     batches = pack_sequences(seqs, cfg.data.token_budget)
-    total = sum(b.loss_labels.numel() for b in batches)  # host ints: no sync
+    counts = step_counts(batches, run.world, run.device)
+    total = max(counts.norm.num_tokens, 1.0)  # loss tokens of the global batch
     loss_sum = torch.zeros((), device=run.device)
-    for i in range(agreed_micro_batches(len(batches), run.world, run.device)):
+    flops = 0.0
+    for i in range(counts.micro_batches):
         batch = batches[min(i, len(batches) - 1)].to(run.device)  # past the end: padding, weight 0
+        run.student.micro_batch(last=i == counts.micro_batches - 1)
         hidden, weight, bias = run.policy(batch)  # (N, H) at loss positions, (V, H)
         logp = ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias)
         loss = -logp.sum() / total * (1.0 if i < len(batches) else 0.0)
-        loss.backward()
+        (loss * run.student.loss_scale).backward()
         loss_sum += loss.detach()
+        flops += 3 * forward_flops(run.flop_shape, batch.seq_lens, batch.num_loss_tokens)
     update(loss_sum)
-    return {"loss": loss_sum, "tokens": total}
+    return {"loss": loss_sum, "tokens": sum(b.num_loss_tokens for b in batches), "flops": flops}
 
 
 def sft_log_line(step: int, steps: int, m: dict) -> str:
@@ -440,6 +502,7 @@ class Frozen:
 
     ref: torch.nn.Module | None = None
     teacher: torch.nn.Module | None = None
+    teacher_shape: FlopShape | None = None  # the teacher's FLOP count (MFU)
 
 
 def step_loss_norm(batches: list[PackedBatch]) -> ops.LossNorm:
@@ -454,15 +517,22 @@ def step_loss_norm(batches: list[PackedBatch]) -> ops.LossNorm:
 def policy_loss_backward(
     policy: PackedPolicy, batches: list[PackedBatch], advantages: torch.Tensor, old: list, ref: list, teacher: list,
     live: list[bool], norm: ops.LossNorm | None, loss_cfg: LossConfig, temperature: float,
+    micro_batch: Callable[[bool], None] | None = None, loss_scale: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """One pass of the policy loss over the step's micro-batches, backward included: (loss, stats) of the step.
     old[i] None = on-policy (ratio 1: the fused op takes the detached current log-probs itself, no extra LM-head
     pass); live[i] False = a padding micro-batch that only keeps the ranks' collectives in step (weight 0).
-    norm = the step's normaliser (None: each micro-batch normalised by its own counts, packing-dependent)."""
-    total = max(1, sum(b.num_loss_tokens for b, is_live in zip(batches, live) if is_live))
+    norm = the step's normaliser, global over ranks (None: each micro-batch normalised by its own counts,
+    packing-dependent). Stats are token-weighted by the same normaliser (so over ranks they add up to the global
+    means), ratio_max is a maximum. micro_batch(last) runs before each forward (Student.micro_batch); loss_scale
+    multiplies the loss before backward only (Student.loss_scale)."""
+    total = norm.num_tokens if norm is not None else sum(b.num_loss_tokens for b, ok in zip(batches, live) if ok)
+    total = max(1.0, float(total))
     loss_sum = torch.zeros((), device=advantages.device)
     stats_sum: dict[str, torch.Tensor] = {}
-    for b, old_b, ref_b, tch_b, is_live in zip(batches, old, ref, teacher, live):
+    for i, (b, old_b, ref_b, tch_b, is_live) in enumerate(zip(batches, old, ref, teacher, live)):
+        if micro_batch is not None:
+            micro_batch(i == len(batches) - 1)
         hidden, weight, bias = policy(b)  # (N, H), (V, H)
         mask = torch.ones_like(b.loss_labels, dtype=torch.bool)
         loss, stats = ops.fused_linear_policy_loss(
@@ -470,11 +540,15 @@ def policy_loss_backward(
             bias=bias, ref_logp=ref_b, teacher_logp=tch_b, temperature=temperature, cfg=loss_cfg, norm=norm,
         )  # fmt: skip
         w = 1.0 if is_live else 0.0
-        (loss * w).backward()
+        (loss * (w * loss_scale)).backward()
         loss_sum = loss_sum + loss.detach() * w
         share = w * b.num_loss_tokens / total  # stats are per micro-batch: their token-weighted mean
         for k, v in stats.items():
-            stats_sum[k] = stats_sum.get(k, 0.0) + v.detach().float() * share
+            v = v.detach().float()
+            if k == "ratio_max":
+                stats_sum[k] = torch.maximum(stats_sum[k], v * w) if k in stats_sum else v * w
+            else:
+                stats_sum[k] = stats_sum.get(k, 0.0) + v * share
     return loss_sum, stats_sum
 
 
@@ -487,11 +561,10 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     idx = step_rng(cfg.seed, "grpo", step).choice(len(run.problems), size=min(P, len(run.problems)), replace=False)
     problems = [run.problems[i] for i in idx[run.rank :: run.world]]
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * run.world + run.rank)
-    with gathered(run.policy, run.world):
-        rollouts = rollout_dialogues(
-            run.model, run.tokenizer, problems, group_size=G, params=cfg.rollout, include_probes=cfg.grpo.use_probes,
-            batch_size=cfg.rollout.batch_size, generator=gen,
-        )  # fmt: skip
+    rollouts = rollout_dialogues(
+        run.student.sampler, run.tokenizer, problems, group_size=G, params=cfg.rollout,
+        include_probes=cfg.grpo.use_probes, batch_size=cfg.rollout.batch_size, generator=gen,
+    )  # fmt: skip
     # ---- rewards, group advantages, packing and the step's loss normaliser (host side)
     scores = [score_dialogue(problems[r.problem_index], r.responses, cfg.reward) for r in rollouts]
     rewards = torch.tensor([float(s["total"]) for s in scores], dtype=torch.float32)
@@ -500,40 +573,58 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
         rewards, group_ids, scale=cfg.grpo.adv_scale, eps=cfg.grpo.adv_eps, nan_to_zero=True
     ).to(device)  # (S,)
     packed = pack_sequences([(r.ids, r.loss_mask) for r in rollouts], cfg.data.token_budget)
-    norm = step_loss_norm(packed)
-    n_pad = agreed_micro_batches(len(packed), run.world, device) - len(packed)  # padding: weight 0
+    counts = step_counts(packed, run.world, device)  # the global normaliser and micro-batch count
+    n_pad = counts.micro_batches - len(packed)  # padding: weight 0
     batches = [b.to(device) for b in packed + packed[-1:] * n_pad]
     live = [True] * len(packed) + [False] * n_pad
     t_rollout = _timer(device) - t0
     # ---- old / reference / teacher log-probs (no grad); old comes from the policy forward itself when on-policy
     t1 = time.perf_counter()
+    flops = 0.0
     with torch.no_grad():
         old = [None if U == 1 else _logp(run.policy, b, temperature) for b in batches]
-        ref = [_logp(frozen.ref, b, temperature) if frozen.ref is not None else None for b in batches]
+        if frozen.ref is not None:
+            ref = [_logp(frozen.ref, b, temperature) for b in batches]
+        elif cfg.loss.kl_beta > 0:  # LoRA: the reference is this model with its adapters disabled
+            with run.student.reference():
+                ref = [_logp(run.policy, b, temperature) for b in batches]
+        else:
+            ref = [None] * len(batches)
         tch = [_logp(frozen.teacher, b, temperature) if frozen.teacher is not None else None for b in batches]
+    for b in packed:
+        flops += forward_flops(run.flop_shape, b.seq_lens, b.num_loss_tokens) * (
+            (U > 1) + (cfg.loss.kl_beta > 0) + 3 * U
+        ) + (forward_flops(frozen.teacher_shape, b.seq_lens, b.num_loss_tokens) if frozen.teacher is not None else 0)
     t_logp = _timer(device) - t1
     # ---- policy update(s): fused LM head + clipped loss over the packed micro-batches
     t2 = time.perf_counter()
     stats: dict[str, torch.Tensor] = {}
     for _ in range(U):
         loss, update_stats = policy_loss_backward(
-            run.policy, batches, advantages, old, ref, tch, live, norm, cfg.loss, temperature
-        )
+            run.policy, batches, advantages, old, ref, tch, live, counts.norm, cfg.loss, temperature,
+            micro_batch=run.student.micro_batch, loss_scale=run.student.loss_scale,
+        )  # fmt: skip
         update(loss)
         for k, v in update_stats.items():
-            stats[k] = stats.get(k, 0.0) + v / U
+            stats[k] = torch.maximum(stats[k], v) if k == "ratio_max" and k in stats else stats.get(k, 0.0) + v / U
     t_update = _timer(device) - t2
     n_tok = sum(b.num_loss_tokens for b in packed)
-    util = mfu(run.n_params * run.world, n_tok * U, sum(len(r.ids) for r in rollouts), _timer(device) - t0, device)
     return {
-        **reward_metrics(rewards, scores, G, cfg.grpo.use_probes), "loss": loss, **stats,
-        "resp_chars": float(np.mean([len(x) for r in rollouts for x in r.responses])), "tokens": n_tok,
-        "t_rollout": t_rollout, "t_logp": t_logp, "t_update": t_update, **({"mfu": util} if util is not None else {}),
+        **reward_metrics(rollouts, scores, G, cfg.grpo.use_probes, run.world), "loss": loss, **stats, "tokens": n_tok,
+        "t_rollout": t_rollout, "t_logp": t_logp, "t_update": t_update, "flops": flops, "t_train": t_logp + t_update,
     }  # fmt: skip
 
 
-def reward_metrics(rewards: torch.Tensor, scores: list[dict], group_size: int, use_probes: bool) -> dict:
-    """Mean reward and its terms, within-group spread, rollout accuracies (host floats: rewards live on the CPU)."""
+def reward_metrics(rollouts: list, scores: list[dict], group_size: int, use_probes: bool, world: int = 1) -> dict:
+    """Mean reward and its terms, within-group spread, rollout accuracies and response length, over the samples of
+    every rank (one all_gather_object of the step's scores under torch.distributed): the same on every rank."""
+    lens = [len(x) for r in rollouts for x in r.responses]
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (scores, lens))
+        scores = [s for part, _ in gathered for s in part]
+        lens = [n for _, part in gathered for n in part]
+    rewards = torch.tensor([float(s["total"]) for s in scores], dtype=torch.float32)
     r = rewards.view(-1, group_size)  # (P, G)
     out = {"reward": rewards.mean().item(), "reward_std": r.std(1).mean().item()}
     out["frac_zero_std"] = (r.std(1) < 1e-6).float().mean().item()
@@ -542,6 +633,7 @@ def reward_metrics(rewards: torch.Tensor, scores: list[dict], group_size: int, u
             out[f"reward_{k}"] = float(np.mean([float(s[k]) for s in scores]))
     out["acc"] = float(np.mean([float(s["task"]) for s in scores]))
     out["probe_acc"] = float(np.mean([float(s["probe"]) for s in scores])) if use_probes else 0.0
+    out["resp_chars"] = float(np.mean(lens)) if lens else 0.0
     return out
 
 
@@ -572,47 +664,51 @@ def train(
 def _train(cfg: TrainConfig, *, resume: str | None, run_dir: str | None, stop_after: int | None) -> dict:
     t_start = time.perf_counter()
     validate_run(cfg, resume, world=int(os.environ.get("WORLD_SIZE", "1")))  # user errors before any dir or model
-    run, state, resume_dir, model_path = setup_run(cfg, resume, run_dir, stop_after)
-    if state is None and cfg.log.eval_start:
-        run.evaluate("untrained", 0)
+    with distributed(cfg) as (rank, world, device):
+        run, state, resume_dir, model_path = setup_run(cfg, rank, world, device, resume, run_dir, stop_after)
+        if state is None and cfg.log.eval_start:
+            run.evaluate("untrained", 0)
 
-    # ---- Stage 1: EI distillation (SFT on teacher dialogues)
-    sft_start = 0 if state is None else (state["step"] if state["stage"] == "sft" else cfg.sft.steps)
-    if sft_start < cfg.sft.steps:
-        run.model.train()
-        stage = Stage("sft", cfg.sft.steps, cfg.sft.lr, cfg.sft.warmup_steps, offset=0, end_eval="sft")
-        out = run_stage(run, stage, lambda step, update: sft_step(run, step, update), sft_log_line, sft_start, state)
+        # ---- Stage 1: EI distillation (SFT on teacher dialogues)
+        sft_start = 0 if state is None else (state["step"] if state["stage"] == "sft" else cfg.sft.steps)
+        if sft_start < cfg.sft.steps:
+            stage = Stage("sft", cfg.sft.steps, cfg.sft.lr, cfg.sft.warmup_steps, offset=0, end_eval="sft")
+            out = run_stage(run, stage, lambda step, update: sft_step(run, step, update), sft_log_line, sft_start,
+                            state)  # fmt: skip
+            if "stopped_at" in out:
+                return _stopped(run, out)
+            run.extra["ref_path"] = str(out["ckpt"])
+        elif state is None or state["stage"] == "sft":  # no SFT stage, or resumed from the end of it
+            if "sft" not in run.extra["evals"] and (cfg.log.eval_start or cfg.grpo.steps == 0):
+                run.evaluate("sft", cfg.sft.steps, same_as="untrained")  # no SFT step: the starting weights
+            run.extra.setdefault("ref_path", str(resume_dir) if resume_dir else model_path)
+
+        # ---- Stage 2: ExGRPO
+        grpo_start = state["step"] if state is not None and state["stage"] == "grpo" else 0
+        if run.student.lora and grpo_start == 0 and run.student.base_path != run.extra["ref_path"]:
+            # LoRA: GRPO trains fresh adapters on the SFT result (its export, adapters merged), which is also the KL
+            # reference: the base with the adapters disabled
+            run.student = load_student(run.extra["ref_path"], cfg.model, run.device, run.world)
+            run.extra["lora_base"] = run.extra["ref_path"]
+        frozen = load_frozen(run)
+        stage = Stage("grpo", cfg.grpo.steps, cfg.grpo.lr, cfg.grpo.warmup_steps, offset=cfg.sft.steps,
+                      end_eval="final", start_eval="sft", eval_every=cfg.log.eval_every)  # fmt: skip
+        out = run_stage(
+            run, stage, lambda step, update: grpo_step(run, frozen, step, update), grpo_log_line, grpo_start, state
+        )
         if "stopped_at" in out:
             return _stopped(run, out)
-        run.extra["ref_path"] = str(out["ckpt"])
-    elif state is None or state["stage"] == "sft":  # no SFT stage, or resumed from the end of it
-        if "sft" not in run.extra["evals"] and (cfg.log.eval_start or cfg.grpo.steps == 0):
-            run.evaluate("sft", cfg.sft.steps, same_as="untrained")  # no SFT step: the starting weights
-        run.extra.setdefault("ref_path", str(resume_dir) if resume_dir else model_path)
-
-    # ---- Stage 2: ExGRPO
-    grpo_start = state["step"] if state is not None and state["stage"] == "grpo" else 0
-    frozen = load_frozen(run)
-    stage = Stage("grpo", cfg.grpo.steps, cfg.grpo.lr, cfg.grpo.warmup_steps, offset=cfg.sft.steps,
-                  end_eval="final", start_eval="sft", eval_every=cfg.log.eval_every)  # fmt: skip
-    out = run_stage(
-        run, stage, lambda step, update: grpo_step(run, frozen, step, update), grpo_log_line, grpo_start, state
-    )
-    if "stopped_at" in out:
-        return _stopped(run, out)
-    summary = summarize(run, out, time.perf_counter() - t_start)
-    if run.world > 1:
-        dist.destroy_process_group()
-    return summary
+        return summarize(run, out, time.perf_counter() - t_start)
 
 
 def setup_run(
-    cfg: TrainConfig, resume: str | None, run_dir: str | None, stop_after: int | None
-) -> tuple[Run, dict | None, Path | None, str]:
-    """(Run, trainer state or None, resumed checkpoint dir or None, path the student was loaded from)."""
-    rank, world, device = setup_distributed(cfg)
+    cfg: TrainConfig, rank: int, world: int, device: torch.device, resume: str | None, run_dir: str | None,
+    stop_after: int | None,
+) -> tuple[Run, dict | None, Path | None, str]:  # fmt: skip
+    """(Run, trainer state or None, resumed checkpoint dir or None, path the student was first loaded from)."""
     _quiet_transformers()
     seed_everything(cfg.seed + rank)
+    torch.use_deterministic_algorithms(cfg.model.deterministic, warn_only=True)
     state, resume_dir = None, None
     if resume:
         resume_dir = ckpt_lib.resolve_checkpoint(resume)
@@ -632,32 +728,35 @@ def setup_run(
     if world > 1:
         dist.barrier()
     log = Logger(run_dir, cfg, rank, resume_at=state["extra"].get("log_position") if state else None)
+    extra = dict(state["extra"]) if state else {"evals": {}}
     model_path = str(resume_dir) if resume_dir else _init_model_path(cfg, run_dir, rank, world)
-    model, tokenizer = load_model(
-        model_path, dtype=getattr(torch, cfg.model.dtype), device=device, attn_backend=cfg.model.attn_backend
-    )
-    policy = shard_model(PackedPolicy(model), world)
-    if world > 1:  # FSDP2 initialises lazily from the first forward, which must be the root's
+    if cfg.model.lora_rank > 0:  # the frozen base the adapters sit on; the checkpoint holds the adapters
+        extra.setdefault("lora_base", model_path)
+    base = extra["lora_base"] if cfg.model.lora_rank > 0 else model_path
+    student = load_student(base, cfg.model, device, world, resume_from=resume_dir)
+    if student.sharded:  # FSDP2 initialises lazily from the first forward, which must be the root's
         with torch.no_grad():
-            warm = [encode_dialogue(tokenizer, Dialogue.of(("user", "1"), ("assistant", "1")))]
-            policy(pack_sequences(warm, cfg.data.token_budget)[0].to(device))
+            warm = [encode_dialogue(student.tokenizer, Dialogue.of(("user", "1"), ("assistant", "1")))]
+            student.policy(pack_sequences(warm, cfg.data.token_budget)[0].to(device))
+        release_root(student.policy)
     problems, test_splits = load_data(cfg, run_dir)
     requested = cfg.rollout.max_new_tokens
-    resolved = resolve_max_new_tokens(tokenizer, {"train": problems, **test_splits}, requested)
+    resolved = resolve_max_new_tokens(student.tokenizer, {"train": problems, **test_splits}, requested)
     if resolved != requested:  # 0 = auto: the run uses the measured value (config.json keeps 0: a resume remeasures)
         cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_new_tokens=resolved))
     run = Run(
-        cfg, rank, world, device, run_dir, model, tokenizer, policy, log, problems,
-        {k: v[: cfg.log.eval_n] for k, v in test_splits.items()}, dict(state["extra"]) if state else {"evals": {}},
-        sum(p.numel() for p in model.parameters()), stop_after,
+        cfg, rank, world, device, run_dir, student, log, problems,
+        {k: v[: cfg.log.eval_n] for k, v in test_splits.items()}, extra,
+        sum(p.numel() for p in student.model.parameters()), stop_after,
     )  # fmt: skip
     backend = ops.backend_for(device, announce=False)  # the fallback notice is part of the header, not a warning
     if backend == "reference" and cfg.ops_backend == "auto":
         backend += f" (no Triton on {device.type}; TRITON_INTERPRET=1 runs the interpreter)"
     log.print(
-        f"run {run_dir} | model {model_path} | {run.n_params / 1e6:.2f}M params | device {device} | world {world} | "
-        f"problems {len(problems)} | max_new_tokens {resolved}{' (auto)' if requested == 0 else ''} | "
-        f"ops {backend} | threads {torch.get_num_threads()} | load {_load():.2f}"
+        f"run {run_dir} | model {model_path} | {run.n_params / 1e6:.2f}M params | {student.describe()} | "
+        f"device {device} | world {world} | problems {len(problems)} | "
+        f"max_new_tokens {resolved}{' (auto)' if requested == 0 else ''} | ops {backend} | "
+        f"threads {torch.get_num_threads()} | load {_load():.2f}"
     )
     return run, state, resume_dir, model_path
 
@@ -675,10 +774,11 @@ def _init_model_path(cfg: TrainConfig, run_dir: Path, rank: int, world: int) -> 
 
 
 def load_frozen(run: Run) -> Frozen:
-    """The reference (frozen SFT model) when loss.kl_beta > 0 and the teacher when loss.teacher_beta > 0, unsharded
-    on every rank (no-grad forwards only)."""
-    cfg, dtype, frozen = run.cfg, getattr(torch, run.cfg.model.dtype), Frozen()
-    if cfg.loss.kl_beta > 0:
+    """The reference (frozen SFT model) when loss.kl_beta > 0 and the teacher when loss.teacher_beta > 0, in the
+    compute dtype, unsharded on every rank (no-grad forwards only). A LoRA student needs no reference copy: it is
+    the student with its adapters disabled (Student.reference)."""
+    cfg, dtype, frozen = run.cfg, run.student.compute_dtype, Frozen()
+    if cfg.loss.kl_beta > 0 and not run.student.lora:
         frozen.ref, _ = load_model(
             run.extra["ref_path"], dtype=dtype, device=run.device, attn_backend=cfg.model.attn_backend
         )
@@ -686,6 +786,7 @@ def load_frozen(run: Run) -> Frozen:
     if cfg.loss.teacher_beta > 0:
         frozen.teacher, _ = load_model(cfg.model.teacher_path, dtype=dtype, device=run.device)
         frozen.teacher.requires_grad_(False).eval()
+        frozen.teacher_shape = FlopShape.of(frozen.teacher)
     return frozen
 
 
@@ -764,15 +865,18 @@ def _logp(model: torch.nn.Module, batch: PackedBatch, temperature: float) -> tor
     """No-grad log-probs of the batch's loss labels under a policy / reference / teacher model."""
     policy = model if isinstance(model, PackedPolicy) else PackedPolicy(model)
     hidden, weight, bias = policy(batch)
-    return ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias, temperature=temperature)
+    logp = ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias, temperature=temperature)
+    release_root(policy)
+    return logp
 
 
-def _all_reduce_mean(m: dict, device: torch.device) -> dict:
-    keys = [k for k, v in m.items() if isinstance(v, (int, float))]
-    t = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return {**m, **dict(zip(keys, t.tolist()))}
+def release_root(policy: torch.nn.Module) -> None:
+    """Reshard an FSDP2 root after a no-grad forward. With reshard_after_forward=False and no backward to reshard it,
+    the root would stay gathered, and its module attributes would keep pointing at the gathered copies: an optimizer
+    built then, or a step that updates the shards meanwhile, trains tensors that the next all-gather overwrites (the
+    embeddings and LM head silently stop learning)."""
+    if hasattr(policy, "reshard"):
+        policy.reshard()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -83,7 +83,8 @@ def test_auto_max_new_tokens_in_the_trainer_and_the_eval_cli(tmp_path, capsys):
     cfg = C.preset_test()
     cfg.rollout.max_new_tokens = 0
     auto = auto_max_new_tokens(build_tiny_tokenizer(), builtin_splits(16, 4, seed=0))
-    run, *_ = T.setup_run(cfg.validate(), None, str(tmp_path / "run"), None)
+    with T.distributed(cfg) as (rank, world, device):
+        run, *_ = T.setup_run(cfg.validate(), rank, world, device, None, str(tmp_path / "run"), None)
     assert run.cfg.rollout.max_new_tokens == auto > 8
     assert f"max_new_tokens {auto} (auto)" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "config.json").read_text())["rollout"]["max_new_tokens"] == 0

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from exgrpo_fast import checkpoint as ckpt_lib
 
-TIMING = {"time", "step_s", "tok_per_s", "t_rollout", "t_logp", "t_update", "eval_s", "mfu", "wall_s"}
+TIMING = {"time", "step_s", "tok_per_s", "t_rollout", "t_logp", "t_update", "t_train", "eval_s", "mfu", "wall_s"}
 ARGS = ["--preset", "test", "--log.keep_last", "2"]  # test preset: 3 SFT + 3 GRPO steps -> a checkpoint every step
 
 

@@ -102,12 +102,14 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     attn_backend: str = "auto",
+    attn_dtype: torch.dtype | None = None,
 ):
     """(model, tokenizer) from a local checkpoint directory, in `dtype` on `device`, with the packed attention
-    implementation (backend chosen by `attn_backend`: "auto" or one of model.attention.BACKENDS)."""
+    implementation (backend chosen by `attn_backend`: "auto" or one of model.attention.BACKENDS, for the dtype the
+    attention runs in: `attn_dtype`, default `dtype`; float32 master weights computing in bf16 pass bf16)."""
     path = check_model_dir(path)
     tokenizer = load_tokenizer(path)
-    backend = select_backend(device, attn_backend, dtype=dtype)
+    backend = select_backend(device, attn_backend, dtype=attn_dtype or dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation=IMPLEMENTATION
