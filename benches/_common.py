@@ -64,7 +64,9 @@ def env_facts(device: torch.device) -> dict[str, str]:
 def model_setup(preset: str | None, threads: int | None = None, *, cpu: bool = False):
     """(device, preset, dtype) of a model bench: CUDA when available (unless cpu) with the gpu-0.5b preset in bf16,
     else CPU with the tiny preset in fp32; `preset` overrides the preset, `threads` sets torch's CPU threads."""
-    device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+    from exgrpo_fast.model.loading import use_device
+
+    device = use_device("cuda" if torch.cuda.is_available() and not cpu else "cpu")  # current: Triton launches there
     if threads:
         torch.set_num_threads(threads)
     on_gpu = device.type == "cuda"

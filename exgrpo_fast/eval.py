@@ -32,7 +32,7 @@ from exgrpo_fast.data.lengths import resolve_max_new_tokens
 from exgrpo_fast.data.splits import load_data
 from exgrpo_fast.data.problem import Problem
 from exgrpo_fast.errors import cli_main
-from exgrpo_fast.model.loading import check_model_dir, load_model
+from exgrpo_fast.model.loading import check_model_dir, load_model, use_device
 from exgrpo_fast.rewards import RewardConfig, score_dialogue
 from exgrpo_fast.rollout import SamplingParams, rollout_dialogues
 
@@ -102,8 +102,8 @@ def _main(argv: list[str]) -> dict[str, float]:
     # read (and check every row of) the data before the model is loaded; a run's teacher-written probes come from
     # its probe cache
     problems, held_out = load_data(cfg, run_dir)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tokenizer = load_model(ckpt, dtype=getattr(torch, cfg.model.dtype), device=torch.device(device))
+    device = use_device(args.device)  # made current: Triton and CUDA graphs launch on the current device
+    model, tokenizer = load_model(ckpt, dtype=getattr(torch, cfg.model.dtype), device=device)
     max_new_tokens = resolve_max_new_tokens(
         tokenizer, {"train": problems, **held_out}, cfg.rollout.max_new_tokens,
         name="max_new_tokens" if args.max_new_tokens is not None else "rollout.max_new_tokens",

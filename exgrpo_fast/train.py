@@ -59,7 +59,7 @@ from exgrpo_fast.data.problem import Dialogue, Problem, sft_dialogue
 from exgrpo_fast.data.splits import load_data
 from exgrpo_fast.eval import evaluate, format_eval
 from exgrpo_fast.model.flops import FlopShape, forward_flops, peak_flops
-from exgrpo_fast.model.loading import load_model
+from exgrpo_fast.model.loading import load_model, use_device
 from exgrpo_fast.model.student import PackedPolicy, Student, load_student, needs_process_group
 from exgrpo_fast.model.tiny import create_tiny_checkpoint
 from exgrpo_fast.reference import LossConfig
@@ -71,15 +71,6 @@ from exgrpo_fast.validate import validate_run
 # set-up helpers
 
 
-def resolve_device(name: str) -> torch.device:
-    """ "auto" -> cuda if available, else cpu; "cuda" -> the current CUDA device with its index (cuda:N)."""
-    want = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(want)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 @contextlib.contextmanager
 def distributed(cfg: TrainConfig) -> Iterator[tuple[int, int, torch.device]]:
     """(rank, world_size, device) for the run, with the process group it needs, destroyed on exit if made here.
@@ -89,23 +80,22 @@ def distributed(cfg: TrainConfig) -> Iterator[tuple[int, int, torch.device]]:
     needs it), and a sharded student (a half compute dtype with float32 masters: FSDP2 on a mesh of one) gets a
     one-process group over an in-memory store."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(cfg.model.device)
     owned = False
     if world > 1:
+        device = use_device(cfg.model.device if cfg.model.device == "cpu" else "auto")
         if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            device = use_device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             owned = True
         rank = dist.get_rank()
     else:
         rank = 0
+        device = use_device(cfg.model.device)
         if needs_process_group(cfg.model, world) and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             owned = True
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     try:
         yield rank, world, device
     finally:
@@ -708,6 +698,8 @@ def setup_run(
     """(Run, trainer state or None, resumed checkpoint dir or None, path the student was first loaded from)."""
     _quiet_transformers()
     seed_everything(cfg.seed + rank)
+    if cfg.model.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call: fixed reductions
     torch.use_deterministic_algorithms(cfg.model.deterministic, warn_only=True)
     state, resume_dir = None, None
     if resume:

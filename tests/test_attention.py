@@ -237,3 +237,28 @@ def test_cuda_backends_match_reference(backend, name):
             continue
         rel = (a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)
         assert rel.item() < 3e-2, f"{backend} {pname}: relative grad error {rel.item():.3e}"
+
+
+@pytest.mark.parametrize("broken", ["namespace", "abi"])
+def test_flash_attn_counts_only_when_its_entry_point_imports(broken, tmp_path, monkeypatch):
+    """find_spec("flash_attn") is not None for the namespace package an FA4-only install leaves, or for an FA2 wheel
+    built against another torch; auto-selection then picked flash_attn and the first forward raised ImportError."""
+    pkg = tmp_path / "flash_attn"
+    pkg.mkdir()
+    if broken == "abi":
+        (pkg / "__init__.py").write_text("raise ImportError('flash_attn_2_cuda: undefined symbol _ZN3c10...')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in list(__import__("sys").modules) if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(__import__("sys").modules, name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    attention._importable.cache_clear()
+    try:
+        import importlib.util
+
+        assert importlib.util.find_spec("flash_attn") is not None  # what the old check saw
+        found = attention.available_backends("cuda")
+        assert "flash_attn" not in found and "flash_attn_cute" not in found
+        assert found == ["torch_varlen", "sdpa_ref"]
+        assert attention.select_backend("cuda", dtype=torch.bfloat16) == "torch_varlen"
+    finally:
+        attention._importable.cache_clear()

@@ -281,3 +281,104 @@ def test_graph_mode_bookkeeping_on_cpu(tokenizer, problems, monkeypatch):
         assert captures and len(captures) == len(set(captures))  # one capture per bucket, reused across batches
         assert [r.ids for r in graphed] == [r.ids for r in eager]
         assert [r.loss_mask for r in graphed] == [r.loss_mask for r in eager]
+
+
+def test_engine_is_kept_across_calls_and_follows_in_place_updates(tokenizer, problems, monkeypatch):
+    """The engine (lean decoder buffers; on CUDA, graphs and their caches) lives across rollout calls; after an
+    in-place weight update (what an optimizer step or the sampler copy's refresh does) the kept engine samples what
+    a fresh one samples. CUDA graphs captured in one call are replayed in the next (fake capture on CPU)."""
+    import exgrpo_fast.rollout as rollout_mod
+    from exgrpo_fast.rollout import engine as engine_mod
+
+    model = _make_model("llama", len(tokenizer), _stop_id(tokenizer))
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, stop_check_every=2)
+    fresh = SamplingParams(temperature=1.0, max_new_tokens=8, stop_check_every=2, persistent=False)
+
+    def run(p):
+        return [r.ids for r in rollout_dialogues(model, tokenizer, problems[:3], group_size=2, params=p,
+                                                 batch_size=4, generator=torch.Generator().manual_seed(1))]  # fmt: skip
+
+    run(params)
+    kept = list(model.__dict__[rollout_mod._ENGINES].values())
+    assert len(kept) == 1 and kept[0].lean is not None and kept[0].lean.fuse
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    assert kept[0].lean.refresh() is True and kept[0].lean.refresh() is False
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.97)
+    assert run(params) == run(fresh)
+    assert list(model.__dict__[rollout_mod._ENGINES].values()) == kept  # the same engine served the call
+
+    captures = []
+
+    class FakeGraph:
+        def __init__(self, e, state, cache, kv_len):
+            self.args = (e, state, cache, kv_len)
+
+        def replay(self):
+            self.args[0].decode_one_token(*self.args[1:])
+
+    monkeypatch.setattr(engine_mod, "_capture", lambda e, s, c, k, pool: captures.append(k) or FakeGraph(e, s, c, k))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    rollout_mod.release_engines(model)
+    make_engine = rollout_mod._engine
+
+    def graph_engine(*a, **kw):
+        e = make_engine(*a, **kw)
+        e.use_graphs = True
+        return e
+
+    monkeypatch.setattr(rollout_mod, "_engine", graph_engine)
+    first = run(params)
+    n = len(captures)
+    assert n > 0
+    assert run(params) == first and len(captures) == n  # the second call replays the first call's graphs
+
+
+def test_lean_prefill_takes_equal_heads_not_gqa_with_a_mask(tokenizer, problems, monkeypatch):
+    """SDPA with a mask and enable_gqa has no fused CUDA kernel (math path, fp32 scores): the lean prefill expands
+    K/V to the query heads instead; decode packs query heads per KV head. Results equal the model's own forward
+    (test_greedy_equals_full_forward_reference); here: the calls SDPA sees."""
+    import torch.nn.functional as F
+
+    from exgrpo_fast.rollout import lean
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((q.shape[-3], k.shape[-3], q.shape[-2], attn_mask is not None, kw.get("enable_gqa", False)))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(lean.F, "scaled_dot_product_attention", spy)
+    model = _make_model("llama", len(tokenizer), _stop_id(tokenizer))
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, persistent=False)
+    rollout_dialogues(model, tokenizer, problems[:2], group_size=2, params=params, batch_size=4)
+    prefill = [c for c in calls if c[2] > 1 and c[0] == 4]  # (heads q, heads kv, q len, mask?, gqa?)
+    assert prefill and all(c[1] == c[0] and c[3] and not c[4] for c in prefill)
+    assert not any(c[3] and c[4] for c in calls)
+
+
+def test_dynamic_rope_models_sample_without_cuda_graphs():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from exgrpo_fast.rollout.engine import graphs_supported
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    assert graphs_supported(LlamaForCausalLM(LlamaConfig(**common)))[0]
+    dynamic = LlamaConfig(**common, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    ok, why = graphs_supported(LlamaForCausalLM(dynamic))
+    assert not ok and "dynamic" in why
+
+
+def test_lean_forward_refuses_lora_layers(tokenizer):
+    peft = pytest.importorskip("peft")
+    from exgrpo_fast.rollout import lean
+
+    model = _make_model("llama", len(tokenizer), _stop_id(tokenizer)).float()
+    assert lean.supports(model)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert not lean.supports(wrapped)

@@ -42,10 +42,15 @@ BACKENDS = ("flash_attn", "flash_attn_cute", "torch_varlen", "sdpa_ref")
 _logged: set[str] = set()  # choices already logged (log once per backend)
 
 
-def _has_module(name: str) -> bool:
+@functools.cache
+def _importable(module: str, name: str) -> bool:
+    """Whether `from module import name` works: a backend is available only when its entry point imports. A spec
+    alone is not enough: an FA4-only install leaves a `flash_attn` namespace package without flash_attn_varlen_func,
+    and an FA2 wheel built for another torch has a spec but fails to load its extension (ImportError / OSError)."""
     try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
+        return callable(getattr(importlib.import_module(module), name))
+    except Exception as e:  # noqa: BLE001 - any failure to import makes the backend unavailable
+        _log.debug("packed attention: %s.%s unavailable (%s: %s)", module, name, type(e).__name__, e)
         return False
 
 
@@ -54,12 +59,12 @@ def available_backends(device: torch.device | str) -> list[str]:
     device = torch.device(device)
     found = []
     if device.type == "cuda":
-        if _has_module("flash_attn"):
+        if _importable("flash_attn", "flash_attn_varlen_func"):
             found.append("flash_attn")
-        if _has_module("flash_attn.cute"):
+        if _importable("flash_attn.cute", "flash_attn_varlen_func"):
             found.append("flash_attn_cute")
         major, _ = torch.cuda.get_device_capability(device)
-        if major >= 8 and _has_module("torch.nn.attention.varlen"):
+        if major >= 8 and _importable("torch.nn.attention.varlen", "varlen_attn"):
             found.append("torch_varlen")
     found.append("sdpa_ref")
     return found
@@ -91,13 +96,15 @@ def select_backend(device: torch.device | str, override: str | None = None, *, d
     return choice
 
 
-def bind_backend(model: torch.nn.Module, backend: str) -> None:
+def bind_backend(model: torch.nn.Module, backend: str, *, deterministic: bool = False) -> None:
     """Pin `backend` to this model's attention layers, so models loaded with different backends or dtypes (policy in
-    bf16, a teacher in fp32) keep their own. A packed forward through an unbound model is an error."""
+    bf16, a teacher in fp32) keep their own. A packed forward through an unbound model is an error. deterministic:
+    the backend's deterministic backward where it has one (flash_attn: no atomics in dq accumulation)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     for m in model.modules():
         m._packed_attn_backend = backend
+        m._packed_attn_deterministic = deterministic
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,7 +195,7 @@ def _torch_varlen(q, k, v, cu, max_len, scaling, sliding_window):
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
-def _flash_attn(q, k, v, cu, max_len, scaling, sliding_window, softcap):
+def _flash_attn(q, k, v, cu, max_len, scaling, sliding_window, softcap, deterministic=False):
     from flash_attn import flash_attn_varlen_func
 
     window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
@@ -204,6 +211,7 @@ def _flash_attn(q, k, v, cu, max_len, scaling, sliding_window, softcap):
         causal=True,
         window_size=window,
         softcap=softcap or 0.0,
+        deterministic=deterministic,
     )
 
 
@@ -263,7 +271,8 @@ def packed_attention_forward(
     elif backend == "torch_varlen":
         out = _torch_varlen(q, k, v, cu, max_len, scaling, sliding_window)
     elif backend == "flash_attn":
-        out = _flash_attn(q, k, v, cu, max_len, scaling, sliding_window, softcap)
+        deterministic = getattr(module, "_packed_attn_deterministic", False)
+        out = _flash_attn(q, k, v, cu, max_len, scaling, sliding_window, softcap, deterministic)
     else:
         out = _flash_attn_cute(q, k, v, cu, max_len, scaling, sliding_window)
     total = kwargs.get("total_tokens")

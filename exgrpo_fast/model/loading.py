@@ -96,6 +96,19 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+def use_device(name: str | torch.device) -> torch.device:
+    """The device `name` names ("auto" = cuda if available, else cpu; "cuda" = the current CUDA device), with its
+    index, made the current CUDA device: Triton launches and CUDA graph captures use the current device, so a
+    process on cuda:N (N != 0) must make it current before its first kernel."""
+    name = str(name)
+    device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
+
+
 def load_model(
     path: str | Path,
     *,
@@ -103,6 +116,7 @@ def load_model(
     device: torch.device | str = "cpu",
     attn_backend: str = "auto",
     attn_dtype: torch.dtype | None = None,
+    deterministic: bool = False,
 ):
     """(model, tokenizer) from a local checkpoint directory, in `dtype` on `device`, with the packed attention
     implementation (backend chosen by `attn_backend`: "auto" or one of model.attention.BACKENDS, for the dtype the
@@ -117,7 +131,7 @@ def load_model(
     except (OSError, ValueError) as e:  # an architecture transformers does not know, weights that don't fit, ...
         raise ModelError(f"cannot load the model in {path}: {type(e).__name__}: {e}") from e
     model = model.to(device)
-    bind_backend(model, backend)
+    bind_backend(model, backend, deterministic=deterministic)
     n_embed = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embed:
         raise ModelError(

@@ -300,7 +300,9 @@ def load_student(
     if lora:
         from peft import get_peft_model
 
-        base, tokenizer = load_model(path, dtype=compute, device=device, attn_backend=mcfg.attn_backend)
+        base, tokenizer = load_model(
+            path, dtype=compute, device=device, attn_backend=mcfg.attn_backend, deterministic=mcfg.deterministic
+        )
         if mcfg.activation_checkpointing:
             enable_activation_checkpointing(base)
         model = get_peft_model(base, _lora_config(mcfg), autocast_adapter_dtype=True)
@@ -312,7 +314,7 @@ def load_student(
                        base_path=str(path), flop_shape=FlopShape.of(model))  # fmt: skip
     model, tokenizer = load_model(
         path, dtype=MASTER_DTYPE if sharded else compute, device=device, attn_backend=mcfg.attn_backend,
-        attn_dtype=compute,
+        attn_dtype=compute, deterministic=mcfg.deterministic,
     )  # fmt: skip
     if resume_from is not None and (Path(resume_from) / MASTER_FILE).is_file():
         file = Path(resume_from) / MASTER_FILE

@@ -57,8 +57,12 @@ class SamplingParams:
     cuda_graphs: bool = True
     """On CUDA (single process), replay the decode step as a captured CUDA graph."""
     lean_forward: bool = True
-    """Llama/Mistral/Qwen2/Qwen3 (single process): sample through a lean forward with fused projections (same maths,
-    about a third of the ops per layer); other models always use their transformers forward."""
+    """Llama/Mistral/Qwen2/Qwen3: sample through a lean forward (same maths, about a third of the ops per layer);
+    other models always use their transformers forward."""
+    persistent: bool = True
+    """Keep the sampling engine of a model across rollout calls: the lean decoder's fused weights (refreshed in place
+    when the weights change) and, on CUDA, the captured graphs with the KV caches and decode states they read (those
+    stay allocated between calls: see the memory plan). False: built per call and freed after it."""
 
 
 @dataclass
@@ -166,14 +170,35 @@ def _has_hooks(model) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+_ENGINES = "_exgrpo_engines"  # model attribute: {sampling key: Engine} kept across calls (SamplingParams.persistent)
+
+
 def _engine(model, params: SamplingParams, stop_ids: list[int], pad_id: int) -> Engine:
+    """The model's engine for these sampling parameters: the one kept from an earlier call (weights refreshed into
+    its lean buffers) when params.persistent and the model's parameters are the same tensors, else a new one."""
     hooked = _has_hooks(model)  # hooks must fire: sample through the model's own modules, eagerly
-    return Engine(
+    cuda_graphs = getattr(params, "cuda_graphs", True) and not hooked
+    lean_forward = getattr(params, "lean_forward", True) and not hooked
+    key = (float(params.temperature), float(params.top_p), int(params.max_new_tokens), int(params.stop_check_every),
+           tuple(stop_ids), int(pad_id), cuda_graphs, lean_forward)  # fmt: skip
+    kept = model.__dict__.setdefault(_ENGINES, {}) if getattr(params, "persistent", True) else {}
+    engine = kept.get(key)
+    if engine is not None and engine.valid():
+        if engine.lean is not None:
+            engine.lean.refresh()
+        return engine
+    engine = Engine(
         model, temperature=params.temperature, top_p=params.top_p, max_new_tokens=params.max_new_tokens,
-        stop_check_every=params.stop_check_every, stop_ids=stop_ids, pad_id=pad_id,
-        cuda_graphs=getattr(params, "cuda_graphs", True) and not hooked,
-        lean_forward=getattr(params, "lean_forward", True) and not hooked,
+        stop_check_every=params.stop_check_every, stop_ids=stop_ids, pad_id=pad_id, cuda_graphs=cuda_graphs,
+        lean_forward=lean_forward,
     )  # fmt: skip
+    kept[key] = engine
+    return engine
+
+
+def release_engines(model) -> None:
+    """Free what rollouts keep on `model` across calls (graphs, their caches, lean buffers)."""
+    model.__dict__.pop(_ENGINES, None)
 
 
 def _base_seed(generator: torch.Generator | None) -> int:
@@ -224,6 +249,13 @@ def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+def _cache_len(engine: Engine, bound: int) -> int:
+    """Cache slots for dialogues of at most `bound` tokens: a multiple of 64, or with CUDA graphs (captured per cache
+    shape and kept across calls) the next power of two, so that calls with slightly different problems reuse them."""
+    bound = max(bound, 1)
+    return max(64, 1 << (bound - 1).bit_length()) if engine.use_graphs else _round_up(bound, 64)
+
+
 @torch.no_grad()
 def rollout_dialogues(
     model,
@@ -264,13 +296,13 @@ def rollout_dialogues(
     for u in users:
         skeleton = [m for q in u for m in ({"role": "user", "content": q}, {"role": "assistant", "content": ""})]
         bound = max(bound, len(encode_prompt(tokenizer, skeleton[:-1])) + len(u) * (params.max_new_tokens + 2) + 8)
-    max_len = min(_context_cap(engine, params), _round_up(max(bound, 1), 64))
+    max_len = min(_context_cap(engine, params), _cache_len(engine, bound))
 
     base = _base_seed(generator)
     per_chunk = max(1, batch_size // G)
     chunks = [list(range(s, min(s + per_chunk, len(problems)))) for s in range(0, len(problems), per_chunk)]
     n_chunks = agree_max(len(chunks), engine.device)
-    reuse: dict = {}
+    reuse = engine.reuse
     with _sampling_attention(model):
         for c in range(n_chunks):
             if c < len(chunks):

@@ -17,6 +17,7 @@ turn.
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,8 @@ from exgrpo_fast.rollout import lean
 from exgrpo_fast.rollout.cache import RowKVCache
 from exgrpo_fast.rollout.lean import LeanDecoder
 from exgrpo_fast.rollout.sampling import sample_next
+
+_log = logging.getLogger(__name__)
 
 _KV_BUCKET = 64  # eager mode: attend over the live cache rounded up to this many slots, not all of it
 _GRAPH_KV_BUCKET = 256  # CUDA graphs: one captured decode step per this many attended slots
@@ -97,8 +100,31 @@ class DecodeState:
         return DecodeState(**{name: getattr(self, name).clone() for name in self.__dataclass_fields__})
 
 
+def _is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def graphs_supported(model) -> tuple[bool, str]:
+    """(whether a decode step of `model` can be captured in a CUDA graph, why not). A model whose rotary embedding
+    is "dynamic" (dynamic NTK scaling) compares the longest position with its cache on the host and re-registers its
+    frequencies inside the forward: a host sync during capture, and buffers that move after it."""
+    for m in model.modules():
+        rope = getattr(m, "rope_type", None)
+        types = rope.values() if isinstance(rope, dict) else [rope] if isinstance(rope, str) else []
+        dynamic = [t for t in types if "dynamic" in t]
+        if dynamic:
+            return False, f"rope_type {dynamic[0]!r} recomputes its frequencies on the host"
+    return True, ""
+
+
 class Engine:
-    """Model adapter + sampling parameters for one rollout call (any transformers decoder: Llama, Qwen2/3, Gemma)."""
+    """Model adapter + sampling parameters, kept across rollout calls (any transformers decoder: Llama, Qwen2/3,
+    Gemma). What it holds for reuse: the lean decoder (its fused buffers refreshed in place when the weights change)
+    and, in CUDA graph mode, the captured graphs with the caches and decode states they read (`reuse`). Graphs read
+    the model's parameters by address, so they stay valid while the weights are updated in place (optimizer steps,
+    the sampler copy's refresh); `valid()` tells when the parameters were replaced."""
 
     def __init__(self, model, *, temperature: float, top_p: float, max_new_tokens: int, stop_check_every: int,
                  stop_ids: list[int], pad_id: int, cuda_graphs: bool = True, lean_forward: bool = True):  # fmt: skip
@@ -123,13 +149,26 @@ class Engine:
         self.max_new_tokens, self.stop_check_every = int(max_new_tokens), int(stop_check_every)
         self.stop = torch.tensor(stop_ids, dtype=torch.int64, device=self.device)
         self.pad_id = int(pad_id)
-        # CUDA graphs replay kernels without the FSDP hooks that gather sharded weights: single process only
-        self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda" and world_size() == 1
-        # the lean Llama-family forward reads weights directly: not under FSDP (its hooks gather sharded weights)
-        self.lean = LeanDecoder(model) if lean_forward and world_size() == 1 and lean.supports(model) else None
+        # Rollouts sample from a plain (unsharded) model: the trainer's sampler copy. Should a sharded model come
+        # here, neither CUDA graphs nor the lean forward may bypass the FSDP hooks that gather its weights.
+        sharded = _is_sharded(model)
+        graphs_ok, why = graphs_supported(model)
+        if cuda_graphs and self.device.type == "cuda" and not graphs_ok:
+            _log.warning("rollout: no CUDA graphs for %s: %s", type(model).__name__, why)
+        self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda" and not sharded and graphs_ok
+        self.lean = LeanDecoder(model) if lean_forward and not sharded and lean.supports(model) else None
+        self.reuse: dict = {}  # CUDA graph mode: caches, decode states and graphs by shape, across calls
+        self._param_ptrs = self._ptrs()
         params = inspect.signature(type(self.body).forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.forwards = 0  # model forwards run (prefills + decode steps): equal on every rank
+
+    def _ptrs(self) -> tuple[int, ...]:
+        return tuple(p.data_ptr() for p in self.model.parameters())
+
+    def valid(self) -> bool:
+        """Still usable for its model: the parameters have not been replaced (in-place updates are fine)."""
+        return self._ptrs() == self._param_ptrs
 
     # -- one forward -------------------------------------------------------------------------------------------
     def _mask(self, lens: torch.Tensor, n: torch.Tensor | None, q: int, kv_len: int):
@@ -354,17 +393,20 @@ def _capture(e: Engine, state: DecodeState, cache: RowKVCache, kv_len: int, pool
     """Capture decode_one_token attending over the first kv_len slots in a CUDA graph. The warm-up steps advance the
     state and scribble past each row's live slots; the state is restored afterwards (the scribbled slots lie beyond
     lens and are overwritten before they are read). All graphs of a call share one memory pool: they only hold
-    intermediates, and replays are sequential on one stream. Untested on a GPU in this repository so far."""
+    intermediates, and replays are sequential on one stream. Capture runs on a stream of the model's device with
+    that device current (a model on cuda:1 in a process whose current device is cuda:0 would otherwise be captured on
+    the wrong device's stream)."""
     backup = state.clone()
-    stream = torch.cuda.Stream(device=e.device)
-    stream.wait_stream(torch.cuda.current_stream(e.device))
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm-up: lazy inits, cuBLAS workspaces, allocator
+    with torch.cuda.device(e.device):
+        stream = torch.cuda.Stream(device=e.device)
+        stream.wait_stream(torch.cuda.current_stream(e.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: lazy inits, cuBLAS workspaces, allocator
+                e.decode_one_token(state, cache, kv_len)
+        torch.cuda.current_stream(e.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device=e.device)):
             e.decode_one_token(state, cache, kv_len)
-    torch.cuda.current_stream(e.device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        e.decode_one_token(state, cache, kv_len)
     e.forwards -= 3  # warm-up and capture are not decode steps of the rollout
     state.copy_(backup)
     return graph
