@@ -75,10 +75,11 @@ class ModelConfig:
     """LoRA scale numerator (the update is B A * lora_alpha / lora_rank)."""
     lora_targets: tuple[str, ...] = ("all-linear",)
     """Module names (suffixes) that get adapters; ("all-linear",) = every linear layer but the LM head."""
-    grad_sync: Literal["step", "micro_batch"] = "step"
-    """FSDP: reduce-scatter gradients once per optimizer step, accumulating them unsharded in float32 over the
-    micro-batches (4 bytes per parameter while the step runs), or after every micro-batch (sharded accumulation, one
-    reduce-scatter per micro-batch)."""
+    grad_sync: Literal["auto", "step", "micro_batch"] = "auto"
+    """FSDP: "step" reduce-scatters gradients once per optimizer step, accumulating them unsharded in float32 over the
+    micro-batches (4 bytes per parameter on every GPU while the step runs); "micro_batch" after every micro-batch
+    (sharded accumulation); "auto": "step" when those unsharded gradients take at most 10% of the device's memory
+    (a 0.5B student on an 80 GB GPU), else "micro_batch" (a 7B one). The memory plan shows both."""
     deterministic: bool = False
     """Bit-reproducible GPU runs: deterministic attention backward where the backend has one (flash-attn) and
     torch.use_deterministic_algorithms; see docs/reliability.md for what stays nondeterministic."""
@@ -263,7 +264,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if head:
             _fail("model.lora_targets", cfg.model.lora_targets, f"{sorted(head)[0]!r}: the LM head and the embeddings "
                   "stay frozen (the fused LM-head loss reads the plain weight)")  # fmt: skip
-    choose("model.grad_sync", cfg.model.grad_sync, ("step", "micro_batch"))
+    choose("model.grad_sync", cfg.model.grad_sync, ("auto", "step", "micro_batch"))
     if not (cfg.model.device == "auto" or cfg.model.device.split(":")[0] in ("cpu", "cuda")):
         _fail("model.device", cfg.model.device, "expected auto, cpu, cuda or cuda:N")
     for name in ("data.n_train", "data.n_test", "sft.batch_size", "grpo.problems_per_step", "grpo.updates_per_batch",

@@ -52,7 +52,8 @@ def evaluate(
     test_id -> id, test_ood -> ood). progress: a tqdm bar over the problems, shown once an eval has run 3 s.
     Problems are sampled in chunks of batch_size, the sampler's own batches, in order."""
     reward_cfg = reward_cfg if reward_cfg is not None else RewardConfig()
-    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    # not kept across calls: evals are rare, and a kept engine would hold a second KV cache through training
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, persistent=False)
     out: dict[str, float] = {}
     total = sum(len(p) for p in splits.values())
     bar = tqdm(total=total, desc="eval", unit="problem", delay=3.0, leave=False, disable=not progress)

@@ -156,9 +156,10 @@ def _sdpa_ref(q, k, v, seq_lens, scaling, sliding_window):
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scaling)
         else:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling)
-        real = idx < T
-        vals.append(o.transpose(1, 2)[real])  # (tokens, Hq, D)
-        rows.append(idx[real])
+        # the real (unpadded) positions, found on the host: no data-dependent shape (traceable on fake tensors)
+        keep = torch.tensor([j * n_max + t for j, i in enumerate(bucket) for t in range(lens[i])], device=q.device)
+        vals.append(o.transpose(1, 2).flatten(0, 1).index_select(0, keep))  # (tokens, Hq, D)
+        rows.append(idx.flatten().index_select(0, keep))
     if not vals:
         return torch.zeros_like(q)
     return torch.zeros_like(q).index_put((torch.cat(rows),), torch.cat(vals))

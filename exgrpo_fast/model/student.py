@@ -105,13 +105,14 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def shard(policy: PackedPolicy, compute: torch.dtype, device: torch.device, world: int) -> PackedPolicy:
+def shard(policy: PackedPolicy, compute: torch.dtype, device: torch.device, world: int, mesh=None) -> PackedPolicy:
     """FSDP2 over the policy's float32 parameters: every decoder layer, then the root (see PackedPolicy), with the
-    compute dtype as MixedPrecisionPolicy.param_dtype and float32 gradient reduction."""
+    compute dtype as MixedPrecisionPolicy.param_dtype and float32 gradient reduction (mesh: default one of `world`
+    ranks of the device type)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (world,))
+    mesh = mesh if mesh is not None else init_device_mesh(device.type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=None if compute == MASTER_DTYPE else compute, reduce_dtype=MASTER_DTYPE)
     for layer in decoder_layers(policy.model):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
@@ -284,25 +285,50 @@ def _copy_named(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.
         p.copy_(t)
 
 
+GRAD_SYNC_AUTO_FRACTION = 0.10
+"""grad_sync "auto" accumulates unsharded float32 gradients (4 bytes per parameter) when they take at most this
+fraction of the device's memory."""
+
+
+def resolve_grad_sync(mode: str, n_params: int, device: torch.device, total_bytes: int | None = None) -> str:
+    """model.grad_sync "auto" -> "step" or "micro_batch" (see the config field); other values unchanged."""
+    if mode != "auto":
+        return mode
+    if total_bytes is None:
+        if device.type != "cuda":
+            return "step"
+        total_bytes = torch.cuda.get_device_properties(device).total_memory
+    return "step" if 4 * n_params <= GRAD_SYNC_AUTO_FRACTION * total_bytes else "micro_batch"
+
+
 def needs_process_group(mcfg, world: int) -> bool:
     """A sharded student needs torch.distributed even in one process (FSDP2 over a mesh of one)."""
     return mcfg.lora_rank == 0 and (world > 1 or mcfg.dtype != "float32")
 
 
 def load_student(
-    path: str | Path, mcfg, device: torch.device, world: int, *, resume_from: Path | None = None
-) -> Student:
+    path: str | Path, mcfg, device: torch.device, world: int, *, resume_from: Path | None = None, loader=None,
+    mesh=None,
+) -> Student:  # fmt: skip
     """Build the student from the HF checkpoint `path` as `mcfg` (the config's model section) says. resume_from: a
-    checkpoint dir whose float32 masters / adapters replace what `path` holds (a resume)."""
+    checkpoint dir whose float32 masters / adapters replace what `path` holds (a resume). loader(dtype, attn_dtype)
+    -> (model, tokenizer) replaces the load from `path` (the memory plan builds models from a config on fake
+    tensors); mesh: the FSDP2 device mesh (default: `world` ranks of the device type)."""
     compute = getattr(torch, mcfg.dtype)
     lora = mcfg.lora_rank > 0
     sharded = needs_process_group(mcfg, world)
+    if loader is None:
+
+        def loader(dtype: torch.dtype, attn_dtype: torch.dtype):
+            return load_model(
+                path, dtype=dtype, device=device, attn_backend=mcfg.attn_backend, attn_dtype=attn_dtype,
+                deterministic=mcfg.deterministic,
+            )  # fmt: skip
+
     if lora:
         from peft import get_peft_model
 
-        base, tokenizer = load_model(
-            path, dtype=compute, device=device, attn_backend=mcfg.attn_backend, deterministic=mcfg.deterministic
-        )
+        base, tokenizer = loader(compute, compute)
         if mcfg.activation_checkpointing:
             enable_activation_checkpointing(base)
         model = get_peft_model(base, _lora_config(mcfg), autocast_adapter_dtype=True)
@@ -312,10 +338,7 @@ def load_student(
             _copy_named(trainable, _load_tensors(file), file)
         return Student(model, PackedPolicy(model), model, tokenizer, compute, world, False, True,
                        base_path=str(path), flop_shape=FlopShape.of(model))  # fmt: skip
-    model, tokenizer = load_model(
-        path, dtype=MASTER_DTYPE if sharded else compute, device=device, attn_backend=mcfg.attn_backend,
-        attn_dtype=compute, deterministic=mcfg.deterministic,
-    )  # fmt: skip
+    model, tokenizer = loader(MASTER_DTYPE if sharded else compute, compute)
     if resume_from is not None and (Path(resume_from) / MASTER_FILE).is_file():
         file = Path(resume_from) / MASTER_FILE
         _copy_named(dict(model.named_parameters()), _load_tensors(file), file)
@@ -325,11 +348,12 @@ def load_student(
     shape = FlopShape.of(model)
     if not sharded:
         return Student(model, policy, model, tokenizer, compute, world, False, False, flop_shape=shape)
-    sampler, _ = load_model(path, dtype=compute, device=device, attn_backend=mcfg.attn_backend)
+    sampler, _ = loader(compute, compute)
     sampler.requires_grad_(False).eval()
-    shard(policy, compute, device, world)
+    shard(policy, compute, device, world, mesh)
     names = dict(sampler.named_parameters())
-    student = Student(model, policy, sampler, tokenizer, compute, world, True, False, grad_sync=mcfg.grad_sync,
+    grad_sync = resolve_grad_sync(mcfg.grad_sync, sum(p.numel() for p in model.parameters()), device)
+    student = Student(model, policy, sampler, tokenizer, compute, world, True, False, grad_sync=grad_sync,
                       flop_shape=shape)  # fmt: skip
     student._pairs = [(p, names[n]) for n, p in model.named_parameters()]  # the sharded params (new objects)
     student.refresh_sampler()

@@ -127,7 +127,8 @@ class Engine:
     the sampler copy's refresh); `valid()` tells when the parameters were replaced."""
 
     def __init__(self, model, *, temperature: float, top_p: float, max_new_tokens: int, stop_check_every: int,
-                 stop_ids: list[int], pad_id: int, cuda_graphs: bool = True, lean_forward: bool = True):  # fmt: skip
+                 stop_ids: list[int], pad_id: int, cuda_graphs: bool = True, lean_forward: bool = True,
+                 lean_fuse: bool | None = None):  # fmt: skip
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
         if stop_check_every < 1:
@@ -156,7 +157,8 @@ class Engine:
         if cuda_graphs and self.device.type == "cuda" and not graphs_ok:
             _log.warning("rollout: no CUDA graphs for %s: %s", type(model).__name__, why)
         self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda" and not sharded and graphs_ok
-        self.lean = LeanDecoder(model) if lean_forward and not sharded and lean.supports(model) else None
+        use_lean = lean_forward and not sharded and lean.supports(model)
+        self.lean = LeanDecoder(model, fuse=lean_fuse) if use_lean else None
         self.reuse: dict = {}  # CUDA graph mode: caches, decode states and graphs by shape, across calls
         self._param_ptrs = self._ptrs()
         params = inspect.signature(type(self.body).forward).parameters
@@ -164,7 +166,10 @@ class Engine:
         self.forwards = 0  # model forwards run (prefills + decode steps): equal on every rank
 
     def _ptrs(self) -> tuple[int, ...]:
-        return tuple(p.data_ptr() for p in self.model.parameters())
+        try:
+            return tuple(p.data_ptr() for p in self.model.parameters())
+        except RuntimeError:  # tensors without data (fake tensors of the memory plan): nothing to compare
+            return ()
 
     def valid(self) -> bool:
         """Still usable for its model: the parameters have not been replaced (in-place updates are fine)."""
