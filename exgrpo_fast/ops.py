@@ -48,6 +48,7 @@ __all__ = [
     "fused_policy_loss",
     "token_logprobs_linear",
     "fused_linear_policy_loss",
+    "lm_head_chunk_size",
     "backend",
     "current_backend",
     "set_backend",
@@ -588,10 +589,34 @@ def _valid_rows(labels: torch.Tensor, vocab: int, mask: torch.Tensor | None = No
     return valid.view(torch.uint8)
 
 
-def _chunk(chunk_size: int | None, hidden: torch.Tensor, weight: torch.Tensor) -> int:
+def lm_head_chunk_size(
+    vocab: int,
+    hidden_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    chunk_size: int | None = None,
+    fp32_logits: bool = True,
+) -> int:
+    """Tokens per chunk of impl="chunked" (before clamping to a batch's token count): `chunk_size` when given, else
+    on CUDA the largest power of two in [512, 4096] whose chunk buffers (V logits in fp32, or in `dtype` with
+    fp32_logits=False, plus one hidden row, per token) fit in 1/32 of the device's TOTAL memory; 32 elsewhere.
+
+    A pure function of its arguments and the device's total memory, never of the allocator's free memory: every
+    process of a run, a resumed one included, runs the same GEMM shapes and the same fp32 summation order for dW.
+    Record it with a checkpoint and pass it back as chunk_size to resume bit-exactly on another device."""
     from csrc_triton import linear_chunked
 
-    return linear_chunked.chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device, chunk_size)
+    _check_chunk_size(chunk_size)
+    device = torch.device(device)
+    return linear_chunked.chunk_size(None, vocab, hidden_size, dtype, device, chunk_size, fp32_logits=fp32_logits)
+
+
+def _chunk(chunk_size: int | None, hidden: torch.Tensor, weight: torch.Tensor, fp32_logits: bool) -> int:
+    from csrc_triton import linear_chunked
+
+    return linear_chunked.chunk_size(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype, hidden.device,
+                                     chunk_size, fp32_logits=fp32_logits)  # fmt: skip
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -633,14 +658,14 @@ class _ChunkedLogprobs(torch.autograd.Function):
     the backward recomputes each chunk's logits (4 GEMMs in all)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, valid, temperature, return_entropy, chunk, allow_tf32):
+    def forward(ctx, hidden, weight, bias, labels, valid, temperature, return_entropy, chunk, allow_tf32, fp32_logits):
         from csrc_triton import linear_chunked
 
         out = linear_chunked.chunked_linear(
             hidden, weight, bias, labels, valid, temperature, chunk, return_entropy=return_entropy,
-            allow_tf32=allow_tf32,
+            allow_tf32=allow_tf32, fp32_logits=fp32_logits,
         )  # fmt: skip
-        ctx.temperature, ctx.chunk, ctx.allow_tf32 = temperature, chunk, allow_tf32
+        ctx.temperature, ctx.chunk, ctx.allow_tf32, ctx.fp32_logits = temperature, chunk, allow_tf32, fp32_logits
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias, labels, valid, out["lse"], out["entropy"])
         if return_entropy:
@@ -659,10 +684,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
             hidden, weight, bias, labels, valid, ctx.temperature, ctx.chunk, forward=False,
             lse=lse, entropy=entropy, grad_logp=grad_logp, grad_entropy=grad_entropy,
             need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, allow_tf32=ctx.allow_tf32,
+            fp32_logits=ctx.fp32_logits,
         )  # fmt: skip
         dw = out["dw"].to(weight.dtype) if need_weight else None
         db = out["db"].to(bias.dtype) if need_bias else None
-        return out["dh"], dw, db, None, None, None, None, None, None
+        return out["dh"], dw, db, None, None, None, None, None, None, None
 
 
 class _ChunkedPolicyLoss(torch.autograd.Function):
@@ -672,7 +698,7 @@ class _ChunkedPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, valid, old_logp, advantages, seq_ids, ref_logp, teacher_logp,
-                params, temperature, chunk, allow_tf32):  # fmt: skip
+                params, temperature, chunk, allow_tf32, fp32_logits):  # fmt: skip
         from csrc_triton import linear_chunked, loss_head
 
         T, device = hidden.shape[0], hidden.device
@@ -701,7 +727,7 @@ class _ChunkedPolicyLoss(torch.autograd.Function):
         out = linear_chunked.chunked_linear(
             hidden, weight, bias, labels, valid, temperature, chunk, return_entropy=True, grad_fn=grad_fn,
             need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
-            need_bias=ctx.needs_input_grad[2], allow_tf32=allow_tf32,
+            need_bias=ctx.needs_input_grad[2], allow_tf32=allow_tf32, fp32_logits=fp32_logits,
         )  # fmt: skip
         loss, stats = loss_head.finalize(partials, seq.count)
         values = [stats[name] for name in reference.STAT_NAMES]
@@ -718,7 +744,7 @@ class _ChunkedPolicyLoss(torch.autograd.Function):
             grads.append(None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dtype))
         ctx.grads = None
         need_bias = ctx.needs_input_grad[2]
-        return grads[0], grads[1], grads[2] if need_bias else None, *([None] * 11)
+        return grads[0], grads[1], grads[2] if need_bias else None, *([None] * 12)
 
 
 def _check_linear_inputs(hidden, weight, labels, bias) -> None:
@@ -748,6 +774,11 @@ def _check_chunk_size(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size={chunk_size!r}: expected a positive int or None (auto)")
 
 
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def token_logprobs_linear(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -759,18 +790,22 @@ def token_logprobs_linear(
     impl: str = "auto",
     chunk_size: int | None = None,
     allow_tf32: bool = False,
+    fp32_logits: bool = True,
 ):
     """logp[T] fp32 (and entropy[T]) of labels under logits = hidden @ weight^T (+ bias), without materialising
     [T, V]. Labels equal to -100 are masked rows: logp and entropy 0, exact zero gradient, never read. Under
     no_grad (old, reference and teacher log-probs) nothing is saved; when hidden, weight or bias require grad it is
     differentiable (the SFT stage's cross-entropy).
 
-    impl: "chunked" (vendor GEMMs on chunks of chunk_size tokens, auto-sized from free memory; the CUDA default),
-    "tiled" (all-Triton, least memory; the default elsewhere) or "auto". allow_tf32: let fp32 inputs use TF32
-    tensor cores (default: IEEE fp32 products)."""
+    impl: "chunked" (vendor GEMMs on chunks of chunk_size tokens, default `lm_head_chunk_size(...)`: from the
+    device's total memory; the CUDA default), "tiled" (all-Triton, least memory, small shapes only: its backward
+    re-reads fp32 accumulator rows, see docs/kernels.md; the default elsewhere) or "auto". allow_tf32: let fp32
+    inputs use TF32 tensor cores (default: IEEE fp32 products). fp32_logits (chunked): keep each chunk's logits in
+    fp32 (default; False rounds them to the input dtype, 2 bytes instead of 4 per logit for bf16 inputs)."""
     _check_linear_inputs(hidden, weight, labels, bias)
     temperature = _check_temperature(temperature)
     _check_chunk_size(chunk_size)
+    _check_flag("fp32_logits", fp32_logits)
     impl = _linear_impl(impl, hidden.device)
     if backend_for(hidden.device) == "reference":
         return reference.token_logprobs_linear(
@@ -779,17 +814,17 @@ def token_logprobs_linear(
     valid = _valid_rows(labels, weight.shape[0])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if impl == "chunked":
-        chunk = _chunk(chunk_size, hidden, weight)
+        chunk = _chunk(chunk_size, hidden, weight, fp32_logits)
         if not needs_grad:
             from csrc_triton import linear_chunked
 
             out = linear_chunked.chunked_linear(
                 hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, valid, temperature,
-                chunk, return_entropy=return_entropy, allow_tf32=allow_tf32,
+                chunk, return_entropy=return_entropy, allow_tf32=allow_tf32, fp32_logits=fp32_logits,
             )  # fmt: skip
             return (out["logp"], out["entropy"]) if return_entropy else out["logp"]
         return _ChunkedLogprobs.apply(hidden, weight, bias, labels, valid, temperature, return_entropy, chunk,
-                                      allow_tf32)  # fmt: skip
+                                      allow_tf32, fp32_logits)  # fmt: skip
     if not needs_grad:
         from csrc_triton import linear_logprob
 
@@ -819,6 +854,7 @@ def fused_linear_policy_loss(
     impl: str = "auto",
     chunk_size: int | None = None,
     allow_tf32: bool = False,
+    fp32_logits: bool = True,
 ):
     """(loss, stats) from hidden[T, H] and the LM head weight[V, H] (+ bias[V]); grads for hidden, weight and bias.
     The [T, V] logits never exist. stats also hold the masked mean entropy.
@@ -828,11 +864,14 @@ def fused_linear_policy_loss(
     LossNorm (then this micro-batch's loss is its share of the step loss); None = this batch's own.
 
     impl="chunked" (CUDA default): 3 GEMMs when the per-token gradient is known in the forward (token-level ratio,
-    or on-policy), else 4 (GSPO with old_logp); memory chunk_size*V*2 bytes beyond the gradients. impl="tiled":
-    all-Triton, 5 GEMM-equivalents, least memory. allow_tf32: TF32 for fp32 inputs (default IEEE fp32)."""
+    or on-policy), else 4 (GSPO with old_logp); memory chunk_size*V*4 bytes beyond the gradients (fp32 logits;
+    chunk_size*V*2 for bf16 inputs with fp32_logits=False, which rounds the logits to bf16). impl="tiled":
+    all-Triton, 5 GEMM-equivalents, least memory, small shapes only (docs/kernels.md). allow_tf32: TF32 for fp32
+    inputs (default IEEE fp32)."""
     _check_linear_inputs(hidden, weight, labels, bias)
     temperature = _check_temperature(temperature)
     _check_chunk_size(chunk_size)
+    _check_flag("fp32_logits", fp32_logits)
     _check_norm(norm)
     impl = _linear_impl(impl, hidden.device)
     cfg = _check_token_inputs(
@@ -845,15 +884,15 @@ def fused_linear_policy_loss(
         )  # fmt: skip
     valid = _valid_rows(labels, weight.shape[0], mask)
     if impl == "chunked":
-        chunk = _chunk(chunk_size, hidden, weight)
+        chunk = _chunk(chunk_size, hidden, weight, fp32_logits)
         if cfg.ratio_level == "token" or old_logp is None:
             loss, *values = _ChunkedPolicyLoss.apply(
                 hidden, weight, bias, labels, valid, old_logp, advantages, seq_ids, ref_logp, teacher_logp,
-                loss_spec.kernel_args(cfg, norm), temperature, chunk, allow_tf32,
+                loss_spec.kernel_args(cfg, norm), temperature, chunk, allow_tf32, fp32_logits,
             )  # fmt: skip
             return loss, dict(zip((*reference.STAT_NAMES, "entropy"), values))
         logp, entropy = _ChunkedLogprobs.apply(hidden, weight, bias, labels, valid, temperature, True, chunk,
-                                               allow_tf32)  # fmt: skip
+                                               allow_tf32, fp32_logits)  # fmt: skip
     else:
         logp, entropy = _LinearLogprobs.apply(hidden, weight, bias, labels, valid, temperature, True, allow_tf32)
     loss, stats = _policy_loss(logp, old_logp, advantages, seq_ids, valid, ref_logp, teacher_logp, cfg, norm)
