@@ -49,6 +49,7 @@ __all__ = [
     "token_logprobs_linear",
     "fused_linear_policy_loss",
     "lm_head_chunk_size",
+    "sample_tokens",
     "backend",
     "current_backend",
     "set_backend",
@@ -898,3 +899,43 @@ def fused_linear_policy_loss(
     loss, stats = _policy_loss(logp, old_logp, advantages, seq_ids, valid, ref_logp, teacher_logp, cfg, norm)
     stats["entropy"] = reference.masked_mean(entropy.detach(), valid)
     return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# next-token sampling (csrc_triton/sampling.py; the PyTorch twin is exgrpo_fast.rollout.sampling)
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, seeds: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Next tokens int64 [B] from logits [B, V] in one fused kernel: Gumbel-max with the counter-based noise of
+    exgrpo_fast.rollout.sampling (a pure function of seed, position and vocab id), top-p without a sort, greedy at
+    temperature 0. The same tokens as rollout.sampling.sample_next_reference (bit for bit at top_p = 1). No host
+    sync: capturable in a CUDA graph. Rollouts call it through rollout.sampling.sample_next."""
+    _check_tensor("logits", logits, ndim=2)
+    _check_float("logits", logits)
+    B, V = logits.shape
+    if V == 0:
+        raise ValueError("logits has V=0 columns")
+    for name, x in (("seeds", seeds), ("positions", positions)):
+        _check_tensor(name, x, ndim=1, device=logits.device)
+        if x.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {x.dtype}")
+        _check_len(name, x, B, "B (logits.shape[0])")
+    if isinstance(temperature, torch.Tensor) or isinstance(top_p, torch.Tensor):
+        raise TypeError("temperature and top_p must be Python floats, not tensors")
+    temperature, top_p = float(temperature), float(top_p)
+    if not 0.0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if B == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    if backend_for(logits.device, announce=False) != "triton":
+        raise RuntimeError(
+            f"sample_tokens needs Triton on {logits.device} (CPU: TRITON_INTERPRET=1 before triton is imported); "
+            "use exgrpo_fast.rollout.sampling.sample_next, which falls back to PyTorch"
+        )
+    from csrc_triton import sampling
+
+    return sampling.sample(logits, temperature, top_p, seeds.contiguous(), positions.contiguous())
