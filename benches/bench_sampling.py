@@ -9,7 +9,8 @@ implementations are):
     previous    the same count for the sampler these replaced (git history, commit d511d6a), when git has it
     forward     a Qwen2.5-0.5B decode step at B = 64, by arithmetic: every weight read once (bf16) + the KV cache
                 read at 512 cached tokens per row
-GPU: median ms per call of each at B in {1, 64, 256}, V = 151936, bf16, top_p 1 and 0.9.
+GPU: median ms per call of each at B in {1, 64, 256}, V = 151936, bf16, top_p 1 and 0.9 (the counts then run in a
+CPU subprocess: they need the Triton interpreter).
 
     python benches/bench_sampling.py            # counts (CPU: the kernel in the interpreter) and, on CUDA, timings
     python benches/bench_sampling.py --smoke    # smaller counts
@@ -129,10 +130,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="smaller counts")
     p.add_argument("--no-csv", action="store_true")
+    p.add_argument("--counts-only", action="store_true", help="the byte counts only (what a CUDA run starts on CPU)")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     facts = env_facts(device)
     print(" | ".join(f"{k} {v}" for k, v in facts.items()))
+    if device.type == "cuda":
+        # the counts need the Triton interpreter, which is chosen when triton is imported: a CPU-only subprocess
+        env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+        cmd = [sys.executable, __file__, "--counts-only"] + (["--smoke"] if a.smoke else []) + (
+            ["--no-csv"] if a.no_csv else [])  # fmt: skip
+        subprocess.run(cmd, env=env, check=False)
+    else:
+        count_table(a, facts)
+    if device.type == "cuda" and not a.counts_only:
+        time_table(a, facts, device)
+
+
+def count_table(a, facts) -> None:
+    """Bytes per decode step of each sampler (see the module doc), printed and appended to the CSV."""
     B, V_real, dtype = 64, 151936, torch.bfloat16
     B_c, V_c = (4, 1031) if a.smoke else (8, 4099)  # counted here, scaled to B x V_real (linear in B*V)
     scale = (B * V_real) / (B_c * V_c)
@@ -161,19 +177,24 @@ def main() -> None:
         print(f"{'':<12}kernel reads the logits {kern['logit_reads']:.2f} times")
         if not a.no_csv:
             write_csv("sampling", rows[-len(entries) :])
-    if device.type == "cuda":
-        print("\nGPU time per call (median ms), V=151936, bf16")
-        print(f"{'B':>5}{'top_p':>7}{'kernel':>10}{'reference':>11}{'previous':>10}{'x ref':>8}")
-        for Bt in (1, 64, 256):
-            for top_p in (1.0, 0.9):
-                ms = time_samplers(Bt, V_real, dtype, top_p, prev, device)
-                prev_ms = ms.get("previous") or float("nan")
-                print(f"{Bt:>5}{top_p:>7}{ms['kernel']:>10.3f}{ms['reference']:>11.3f}{prev_ms:>10.3f}"
-                      f"{ms['reference'] / ms['kernel']:>8.1f}")  # fmt: skip
-                base = dict(facts, top_p=top_p, B=Bt, V=V_real, gb_per_step=None, x_kernel=None, x_forward=None,
-                            ops=None, full_ops=None, logit_reads=None)  # fmt: skip
-                if not a.no_csv:
-                    write_csv("sampling", [dict(base, sampler=k, ms=v) for k, v in ms.items()])
+
+
+def time_table(a, facts, device) -> None:
+    """GPU time per call of each sampler (the kernel, the PyTorch reference, the previous sampler), printed and
+    appended to the CSV; x previous = previous ms / kernel ms."""
+    V, dtype, prev = 151936, torch.bfloat16, load_previous_sampler()
+    print(f"\nGPU time per call (median ms), V={V}, bf16")
+    print(f"{'B':>5}{'top_p':>7}{'kernel':>10}{'reference':>11}{'previous':>10}{'x previous':>12}")
+    for B in (1, 64, 256):
+        for top_p in (1.0, 0.9):
+            ms = time_samplers(B, V, dtype, top_p, prev, device)
+            prev_ms = ms.get("previous") or float("nan")
+            print(f"{B:>5}{top_p:>7}{ms['kernel']:>10.3f}{ms['reference']:>11.3f}{prev_ms:>10.3f}"
+                  f"{prev_ms / ms['kernel']:>12.1f}", flush=True)  # fmt: skip
+            base = dict(facts, top_p=top_p, B=B, V=V, gb_per_step=None, x_kernel=None, x_forward=None, ops=None,
+                        full_ops=None, logit_reads=None)  # fmt: skip
+            if not a.no_csv:
+                write_csv("sampling", [dict(base, sampler=k, ms=v) for k, v in ms.items()])
 
 
 def time_samplers(B, V, dtype, top_p, prev, device) -> dict:

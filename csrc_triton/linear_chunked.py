@@ -191,6 +191,17 @@ def chunk_size(
     return max(1, c if num_tokens is None else min(c, num_tokens))
 
 
+def chunked_bytes(T: int, V: int, H: int, dtype: torch.dtype, chunk: int, fp32_logits: bool = True) -> int:
+    """Bytes one fused forward + backward (3-GEMM mode) moves with each GEMM reading its operands once: per chunk,
+    GEMM 1 reads h_c and W and writes Z; the row kernels read Z twice and write dZ; GEMM 2 reads dZ and W and
+    writes dh_c; GEMM 3 reads dZ and h_c and reads + writes the fp32 dW."""
+    e = torch.finfo(dtype).bits // 8
+    z = 4 if fp32_logits else e
+    n_chunks = -(-T // chunk)
+    per_logit = z + 2 * z + e + 2 * e  # GEMM 1 write, two row reads, dZ write, dZ read by GEMMs 2 and 3
+    return T * V * per_logit + n_chunks * V * H * (2 * e + 8) + T * H * 4 * e
+
+
 _FP32_OUT_GEMM: dict[tuple[torch.device, str], bool] = {}
 
 

@@ -573,12 +573,33 @@ def fused_policy_loss(
 _LINEAR_IMPLS = ("auto", "chunked", "tiled")
 
 
-def _linear_impl(impl: str, device: torch.device) -> str:
+def _linear_impl(impl: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
     if impl not in _LINEAR_IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {_LINEAR_IMPLS}")
     if impl == "auto":
-        return "chunked" if device.type == "cuda" else "tiled"
+        return "chunked" if hidden.device.type == "cuda" else "tiled"
+    if impl == "tiled" and hidden.device.type == "cuda":
+        _warn_if_tiled_is_heavy(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
     return impl
+
+
+_tiled_warned: set[tuple[int, int, int]] = set()
+
+
+def _warn_if_tiled_is_heavy(T: int, V: int, H: int, dtype: torch.dtype) -> None:
+    """impl="tiled" moves bytes in proportion to T*V*H (csrc_triton/linear_logprob.py): say so, once per shape,
+    when a forward + backward would request more than linear_logprob.TILED_WARN_BYTES."""
+    from csrc_triton import linear_chunked, linear_logprob
+
+    b = linear_logprob.tiled_bytes(T, V, H, dtype)
+    total = b["fwd"] + b["dh"] + b["dw"]
+    if total > linear_logprob.TILED_WARN_BYTES and (T, V, H) not in _tiled_warned:
+        _tiled_warned.add((T, V, H))
+        _log.warning(
+            "impl='tiled' at T=%d, V=%d, H=%d requests ~%.2f TB per forward + backward (its fp32 accumulators and "
+            "operand tiles are re-read per tile pair); impl='chunked' moves ~%.0f GB",
+            T, V, H, total / 1e12, linear_chunked.chunked_bytes(T, V, H, dtype, linear_chunked.MAX_CHUNK) / 1e9,
+        )  # fmt: skip
 
 
 def _valid_rows(labels: torch.Tensor, vocab: int, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -807,7 +828,7 @@ def token_logprobs_linear(
     temperature = _check_temperature(temperature)
     _check_chunk_size(chunk_size)
     _check_flag("fp32_logits", fp32_logits)
-    impl = _linear_impl(impl, hidden.device)
+    impl = _linear_impl(impl, hidden, weight)
     if backend_for(hidden.device) == "reference":
         return reference.token_logprobs_linear(
             hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy
@@ -874,7 +895,7 @@ def fused_linear_policy_loss(
     _check_chunk_size(chunk_size)
     _check_flag("fp32_logits", fp32_logits)
     _check_norm(norm)
-    impl = _linear_impl(impl, hidden.device)
+    impl = _linear_impl(impl, hidden, weight)
     cfg = _check_token_inputs(
         "hidden", hidden.shape[0], hidden.device, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg
     )

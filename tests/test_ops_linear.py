@@ -199,9 +199,11 @@ def test_bad_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("H", [896, 3584])
+@pytest.mark.parametrize("impl, H", [("chunked", 896), ("chunked", 3584), ("tiled", 896)])  # tiled: small H only
 def test_big_shapes_on_gpu(impl, H):
+    """Headline shapes. The tiled impl requests ~1.1 TB per forward + backward at H=896 and 4.5 TB at H=3584
+    (linear_logprob.tiled_bytes): kept to H=896. The chunked run also checks the half dZ written into the fp32 chunk
+    rows under real warp scheduling (a race there would corrupt dh)."""
     T, V = 16384, 151936
     hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(
         T, H, V, 64, torch.bfloat16, bias=False, device="cuda"
@@ -647,3 +649,41 @@ def test_tf32_guard_uses_the_precision_api_in_force():
     assert matmul.allow_tf32 is False  # the legacy flag is readable again once both are back to "none"
     with linear_chunked._tf32(torch.device("cpu"), True):  # not CUDA: nothing to set
         assert matmul.fp32_precision == "none"
+
+
+def test_tiled_bytes_counted_through_the_interpreter(monkeypatch):
+    """The tiled kernels at their CUDA tiles, run through the Triton interpreter with every load and store counted
+    (benches/interp_bytes.py): linear_logprob.tiled_bytes is the count (the O(T), O(V) vectors aside), so its value
+    at T=16384, V=151936, H=3584 (3.9 TB per backward, 2.2 TB of it fp32 accumulator traffic; 71 GB for chunked) is
+    what the kernels request there."""
+    import pathlib
+    import sys
+
+    if DEVICE != "cpu":
+        pytest.skip("bytes are counted through the Triton interpreter")
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from benches import interp_bytes
+    from csrc_triton import linear_chunked, linear_logprob
+
+    real = linear_logprob._blocks
+
+    def cuda_tiles(device, dtype, allow_tf32, kind):
+        b = real(torch.device("cuda"), dtype, allow_tf32, kind)
+        b.pop("num_warps"), b.pop("num_stages")
+        return dict(b, DOT_UPCAST=True)  # the interpreter's half dots need fp32 operands (loads are unchanged)
+
+    monkeypatch.setattr(linear_logprob, "_blocks", cuda_tiles)
+    T, V, H, dtype = 128, 192, 64, torch.bfloat16
+    hidden, weight, _, labels, *_ = make(T, H, V, 2, dtype, bias=False)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    with interp_bytes.count_bytes() as counter:
+        linear("tiled")(h, w, labels).sum().backward()
+    got = {}
+    for launch in counter.launches:
+        got[launch.kernel] = got.get(launch.kernel, 0) + launch.read + launch.written
+    want = linear_logprob.tiled_bytes(T, V, H, dtype)
+    for kernel, kind in (("_fwd_kernel", "fwd"), ("_bwd_dh_kernel", "dh"), ("_bwd_dw_kernel", "dw")):
+        assert want[kind] <= got[kernel] <= 1.05 * want[kind], (kernel, got[kernel], want[kind])
+    big = linear_logprob.tiled_bytes(16384, 151936, 3584, dtype)
+    assert 3.8e12 < big["dh"] + big["dw"] < 4.0e12 and 2.2e12 < big["acc"] < 2.3e12
+    assert linear_chunked.chunked_bytes(16384, 151936, 3584, dtype, 4096) < 0.02 * (big["dh"] + big["dw"])
