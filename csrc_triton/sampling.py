@@ -159,7 +159,9 @@ def _sample_kernel(
                     if b_best > nxt:
                         nxt, nxt_idx = b_best, v0 + b_idx
                         nxt_z = tl.sum(tl.where(cols0 == b_idx, z, 0.0), 0)
-            done = (mass < bound).to(tl.int32)
+            # nothing above c (nxt = -inf): c is the top token, always kept (also ends the loop if top_p * Z
+            # underflows to 0 or a NaN logit poisons the sums)
+            done = ((mass < bound) | (nxt == float("-inf"))).to(tl.int32)
             if done == 0:
                 best_idx, best_z = nxt_idx, nxt_z
     tl.store(out_ptr + row, best_idx.to(tl.int64))

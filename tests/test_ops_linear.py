@@ -550,7 +550,7 @@ def _float64_logp(hidden, weight, labels, g=None):
 def test_chunked_logits_kept_in_fp32():
     """bf16 inputs, T=48, H=256, V=4099, logits up to |46| (the issue's demonstration): log-probs and entropy from
     fp32 logits are within 1e-4 nats of float64 (measured 6.2e-6, the tiled kernel's 5.6e-6); logits rounded to
-    bf16 (fp32_logits=False, the previous default) are off by ~0.1 nats. Gradients (smaller V, random upstream
+    bf16 (fp32_logits=False, the previous default) are off by ~0.1 nats. Gradients (V=1031, random upstream
     gradient): dZ still goes to the GEMMs in bf16, but p comes from fp32 logits: less than half the error."""
     g = torch.Generator().manual_seed(21)
     T, H, V = 48, 256, 4099
@@ -687,3 +687,15 @@ def test_tiled_bytes_counted_through_the_interpreter(monkeypatch):
     big = linear_logprob.tiled_bytes(16384, 151936, 3584, dtype)
     assert 3.8e12 < big["dh"] + big["dw"] < 4.0e12 and 2.2e12 < big["acc"] < 2.3e12
     assert linear_chunked.chunked_bytes(16384, 151936, 3584, dtype, 4096) < 0.02 * (big["dh"] + big["dw"])
+
+
+def test_tiled_warns_at_large_shapes(caplog):
+    import logging
+
+    ops._tiled_warned.clear()
+    with caplog.at_level(logging.WARNING, logger="exgrpo_fast.ops"):
+        ops._warn_if_tiled_is_heavy(4096, 32000, 896, torch.bfloat16)  # 64 GB: quiet
+        assert not caplog.records
+        ops._warn_if_tiled_is_heavy(16384, 151936, 3584, torch.bfloat16)
+        ops._warn_if_tiled_is_heavy(16384, 151936, 3584, torch.bfloat16)  # once per shape
+    assert len(caplog.records) == 1 and "4.46 TB" in caplog.text and "71 GB" in caplog.text

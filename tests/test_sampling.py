@@ -107,11 +107,14 @@ def test_greedy_b1_and_inf_rows():
     logits[2, 100] = logits[2, 300] = logits[2].max() + 1  # a tie for the max: the first index
     logits[3, ::2] = float("-inf")
     for t in (0.0, 1.0):
-        for p in (1.0, 0.9, 0.3):
+        for p in (1.0, 0.9, 0.3, 1e-40):  # 1e-40: top_p * Z underflows, only the top token is kept
             want = _reference(logits, t, p, seeds, pos)
             assert torch.equal(_kernel(logits, t, p, seeds, pos), want), (t, p)
             assert want[0] == 0 and want[1] < 5 and want[3] % 2 == 1
     assert _reference(logits, 0.0, 1.0, seeds, pos)[2] == 100
+    nan = logits.clone()
+    nan[4, 10] = float("nan")  # undefined which token, but the top-p loop must end
+    assert _kernel(nan, 1.0, 0.5, seeds, pos).shape == (6,)
     one = _rows(1, 50257)  # B = 1 at GPT-2's vocabulary
     for t, p in ((1.0, 1.0), (0.0, 1.0), (0.8, 0.95)):
         assert torch.equal(_kernel(one[0], t, p, *one[1:]), _reference(one[0], t, p, *one[1:]))
@@ -144,7 +147,7 @@ def test_top_p_same_kept_set(dtype):
         got = _kernel(logits, temperature, top_p, seeds, pos)
         want = _reference(logits, temperature, top_p, seeds, pos)
         safe = _boundary_margin(logits.float().cpu(), temperature, top_p).to(got.device) > 1e-5
-        assert safe.float().mean() > 0.85
+        assert safe.float().mean() >= 0.9
         assert torch.equal(got[safe], want[safe]), (scale, V, top_p, (got != want).nonzero().flatten().tolist())
         checked += int(safe.sum())
     assert checked > 50
