@@ -519,6 +519,19 @@ def scenarios(full: bool) -> list[tuple[str, Callable[[], None]]]:
 
             out.append((f"fused_policy_loss {d} V={V} T={T} {name}", f))
 
+    # ---- sample_tokens (greedy, top-p 1, top-p < 1: each a different specialisation)
+    for d in dtypes:
+        for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (0.7, 0.9)):
+
+            def f(d=d, temperature=temperature, top_p=top_p):
+                B, V = 64, 151936
+                logits = torch.randn(B, V, device=dev, dtype=dt[d])
+                seeds = torch.randint(0, 2**32, (B,), device=dev)
+                positions = torch.randint(0, 4096, (B,), device=dev)
+                ops.sample_tokens(logits, temperature, top_p, seeds, positions)
+
+            out.append((f"sample_tokens {d} V=151936 temperature={temperature} top_p={top_p}", f))
+
     # ---- the LM-head path: token_logprobs_linear and fused_linear_policy_loss
     grad_sets = {"hidden+weight": (True, True), "hidden": (True, False), "weight": (False, True)}
     for d, V, T in ((d, V, T) for d, V in lin_cases for T in token_counts):

@@ -18,6 +18,10 @@ memory relative to Liger's. A second table sweeps T from 4k to 64k at H=896 for 
 
     python benches/bench_linear_loss.py            # CUDA: bf16, V=151936, T=16384, H in {896, 2048, 3584}, T sweep
     python benches/bench_linear_loss.py --smoke    # tiny sizes; on CPU the kernels run in the Triton interpreter
+    python benches/bench_linear_loss.py --max-seconds 200   # start nothing after 200 s (benches/run_gpu.py)
+
+Each row goes to benches/results/linear_loss.csv the moment it is measured. `tiled` runs only where one call requests
+less than TILED_MAX_BYTES (its bytes grow as T*V*H: csrc_triton/linear_logprob.py), i.e. at H=896, T <= 16384.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -168,31 +173,60 @@ def providers(inputs, S, chunk_size):
     return runs
 
 
-def bench_one(T, H, V, S, dtype, device, small, wanted, facts, chunk_size=None):
+TILED_MAX_BYTES = 1.5e12  # tiled runs only where one forward + backward requests less (linear_logprob.tiled_bytes)
+CSV_KEYS = ("provider", "ms", "tflops", "peak_extra_mb", "x_gemms", "x_liger", "mem_vs_liger", "T", "H", "V", "dtype",
+            "ops_backend", "curve")  # fmt: skip
+
+
+class Deadline:
+    """Stops the bench from starting a measurement it has no time left for (--max-seconds): a run that is cut short
+    still has every finished row in its CSV."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return float("inf") if self.end is None else self.end - time.monotonic()
+
+
+def bench_one(T, H, V, S, dtype, device, small, wanted, facts, chunk_size=None, *, deadline=None, csv=True,
+              curve=False):  # fmt: skip
+    """Time each wanted provider on one shape; each row is printed and appended to the CSV as soon as it exists
+    (gemms and liger first: the ratio columns of later rows need them)."""
+    deadline = deadline or Deadline(None)
     inputs = make_inputs(T, H, V, S, dtype, device)
     flops3 = 3 * 2 * T * V * H
     runs = providers(inputs, S, chunk_size)
-    rows = []
+    if device.type == "cuda" and "tiled" in runs:
+        from csrc_triton import linear_logprob
+
+        b = linear_logprob.tiled_bytes(T, V, H, dtype)
+        if b["fwd"] + b["dh"] + b["dw"] > TILED_MAX_BYTES:
+            runs["tiled"] = (f"skipped: requests {(b['fwd'] + b['dh'] + b['dw']) / 1e12:.1f} TB per call "
+                             "(linear_logprob.tiled_bytes; a small-H option)")  # fmt: skip
+    order = [n for n in ("gemms", "liger") if n in wanted] + [n for n in wanted if n not in ("gemms", "liger")]
+    rows, by_name = [], {}
     print(f"\nT={T} H={H} V={V} {str(dtype).removeprefix('torch.')}")
     print(f"{'provider':<15}{'ms':>10}{'TFLOP/s':>9}{'x gemms':>9}{'peak extra MB':>15}{'x liger':>9}{'mem/liger':>11}")
-    for name in wanted:
+    for name in order:
         fn = runs.get(name)
         if not callable(fn):
-            print(f"{name:<15}{fn or 'unknown provider'}")
+            print(f"{name:<15}{fn or 'unknown provider'}", flush=True)
+            continue
+        if deadline.left() < 5:
+            print(f"{name:<15}skipped: --max-seconds reached", flush=True)
             continue
         try:
             ms = time_ms(fn, device, warmup=1 if small else 3, rep=2 if small else 10)
             extra = peak_extra_bytes(fn, device)
         except Exception as e:
-            print(f"{name:<15}failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            print(f"{name:<15}failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        rows.append({"provider": name, "ms": ms, "tflops": flops3 / (ms * 1e-3) / 1e12,
-                     "peak_extra_mb": None if extra is None else extra / 2**20})  # fmt: skip
-    by_name = {r["provider"]: r for r in rows}
-    gemms, liger = by_name.get("gemms"), by_name.get("liger")
-    for r in rows:
+        r = {"provider": name, "ms": ms, "tflops": flops3 / (ms * 1e-3) / 1e12,
+             "peak_extra_mb": None if extra is None else extra / 2**20}  # fmt: skip
+        gemms, liger = by_name.get("gemms"), by_name.get("liger")
         r["x_gemms"] = r["ms"] / gemms["ms"] if gemms else None
         r["x_liger"] = liger["ms"] / r["ms"] if liger else None
         lm, rm = (liger or {}).get("peak_extra_mb"), r["peak_extra_mb"]
@@ -203,9 +237,16 @@ def bench_one(T, H, V, S, dtype, device, small, wanted, facts, chunk_size=None):
 
         print(
             f"{r['provider']:<15}{r['ms']:>10.3f}{r['tflops']:>9.2f}{fmt(r['x_gemms'], '.2f'):>9}"
-            f"{fmt(r['peak_extra_mb'], '.0f'):>15}{fmt(r['x_liger'], '.2f'):>9}{fmt(r['mem_vs_liger'], '.2f'):>11}"
+            f"{fmt(r['peak_extra_mb'], '.0f'):>15}{fmt(r['x_liger'], '.2f'):>9}{fmt(r['mem_vs_liger'], '.2f'):>11}",
+            flush=True,
         )
-        r.update(facts, T=T, H=H, V=V, dtype=str(dtype).removeprefix("torch."), ops_backend=ops.backend_for(device))
+        r.update(T=T, H=H, V=V, dtype=str(dtype).removeprefix("torch."), ops_backend=ops.backend_for(device),
+                 curve=curve)  # fmt: skip
+        by_name[name] = r
+        row = {**facts, **{k: r.get(k) for k in CSV_KEYS}}
+        rows.append(row)
+        if csv:
+            write_csv("linear_loss", [row])
     return rows
 
 
@@ -215,6 +256,12 @@ def main() -> None:
     p.add_argument("--providers", default="gemms,chunked,chunked-onpol,chunked-gspo,tiled,torch-ckpt,liger,cce,quack")
     p.add_argument("--no-sweep", action="store_true", help="skip the T sweep of peak memory")
     p.add_argument("--no-csv", action="store_true")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="start no measurement after this many seconds (rows so far are in the CSV already)",
+    )
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = args.smoke or device.type != "cuda"
@@ -222,21 +269,22 @@ def main() -> None:
     print(" | ".join(f"{k} {v}" for k, v in facts.items()) + f" | ops backend {ops.backend_for(device)}")
     ops.set_value_checks(False)  # no host syncs inside the timed regions
     wanted = args.providers.split(",")
+    deadline = Deadline(args.max_seconds)
+    kw = dict(deadline=deadline, csv=not args.no_csv)
     rows = []
     if small:
         # chunk of 16 tokens: the smoke run exercises several chunks
-        rows += bench_one(48, 32, 203, 4, torch.float32, device, True, wanted, facts, chunk_size=16)
+        rows += bench_one(48, 32, 203, 4, torch.float32, device, True, wanted, facts, chunk_size=16, **kw)
     else:
         for H in (896, 2048, 3584):
-            rows += bench_one(16384, H, 151936, 64, torch.bfloat16, device, False, wanted, facts)
+            rows += bench_one(16384, H, 151936, 64, torch.bfloat16, device, False, wanted, facts, **kw)
         if not args.no_sweep:
             print("\npeak extra memory as T grows (H=896): flat is the goal")
             for T in (4096, 8192, 16384, 32768, 65536):
                 sweep = [n for n in ("gemms", "chunked", "tiled", "liger") if n in wanted]
-                rows += [dict(r, curve=True) for r in bench_one(T, 896, 151936, 64, torch.bfloat16, device, False,
-                                                                sweep, facts)]  # fmt: skip
+                rows += bench_one(T, 896, 151936, 64, torch.bfloat16, device, False, sweep, facts, curve=True, **kw)
     if rows and not args.no_csv:
-        print("wrote", write_csv("linear_loss", rows))
+        print(f"wrote {len(rows)} rows to benches/results/linear_loss.csv")
 
 
 if __name__ == "__main__":

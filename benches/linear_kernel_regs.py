@@ -27,7 +27,7 @@ from csrc_triton import linear_chunked, linear_logprob
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
-def report(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int, cap: int) -> dict:
+def report(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages: int, cap: int, options=None) -> dict:
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, n in enumerate(signature)
@@ -37,7 +37,7 @@ def report(kernel, signature: dict, constexprs: dict, num_warps: int, num_stages
     compiled = triton.compile(
         ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", cap, 32),
-        options=dict(num_warps=num_warps, num_stages=num_stages),
+        options=dict(num_warps=num_warps, num_stages=num_stages, **(options or {})),
     )
     ptx = compiled.asm["ptx"]
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
@@ -81,18 +81,24 @@ def main() -> int:
                 r = report(kernel, sig, {**flags, **blocks}, warps, stages, cap)
                 tiles = (blocks["BLOCK_T"], blocks["BLOCK_V"], blocks["BLOCK_H"])
                 rows.append((f"linear_logprob.{kind}", dtype, cap, f"{tiles} w{warps} s{stages}", r))
-        row = dict(z_ptr=t, labels_ptr="*i64", valid_ptr="*u8")
-        tail = dict(V="i32", stride_z="i32", inv_temperature="fp32")
-        for name, kernel, sig, flags in (
-            ("row_fwd", linear_chunked._row_fwd_kernel, {**row, "logp_ptr": f, "lse_ptr": f, "ent_ptr": f, **tail},
-             dict(RETURN_ENTROPY=True)),
-            ("row_bwd", linear_chunked._row_bwd_kernel, {**row, **grads, **tail}, dict(HAS_GRAD_ENTROPY=True)),
-        ):  # fmt: skip
-            blocks = linear_chunked._block_v(cuda)
-            warps = blocks.pop("num_warps")
-            for cap in (80, 90):
-                r = report(kernel, sig, {**flags, **blocks}, warps, 3, cap)
-                rows.append((f"linear_chunked.{name}", dtype, cap, f"BLOCK_V={blocks['BLOCK_V']} w{warps}", r))
+        # chunk logits in fp32 (the default) and in the input dtype (fp32_logits=False); dZ in the input dtype
+        for z in dict.fromkeys((f, t)):
+            row = dict(z_ptr=z, labels_ptr="*i64", valid_ptr="*u8")
+            idx = dict(labels_ptr="*i64", valid_ptr="*u8")
+            for name, kernel, sig, flags in (
+                ("row_fwd", linear_chunked._row_fwd_kernel,
+                 {**row, "logp_ptr": f, "lse_ptr": f, "ent_ptr": f, "V": "i32", "stride_z": "i32",
+                  "inv_temperature": "fp32"}, dict(RETURN_ENTROPY=True)),
+                ("row_bwd", linear_chunked._row_bwd_kernel,
+                 {"z_ptr": z, "dz_ptr": t, **idx, **grads, "V": "i32", "stride_z": "i32", "stride_dz": "i32",
+                  "inv_temperature": "fp32"}, dict(HAS_GRAD_ENTROPY=True)),
+            ):  # fmt: skip
+                blocks = linear_chunked._block_v(cuda)
+                warps = blocks.pop("num_warps")
+                for cap in (80, 90):
+                    r = report(kernel, sig, {**flags, **blocks}, warps, 3, cap)
+                    cfg = f"z {z[1:]} BLOCK_V={blocks['BLOCK_V']} w{warps}"
+                    rows.append((f"linear_chunked.{name}", dtype, cap, cfg, r))
     bad = []
     print(f"triton {triton.__version__}")
     print(f"| {'kernel':24} | dtype | sm | {'config':24} | regs | spill B | smem B | dot |")

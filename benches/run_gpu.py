@@ -8,29 +8,54 @@ the commit, one table row per step and each step's output.
     python benches/run_gpu.py --dry-run         # any machine: write the report with nothing run (checks plumbing)
     python benches/run_gpu.py --smoke           # any machine: tiny sizes (benches' --smoke), gpu tests skip on CPU
 
-Steps run as subprocesses with their own timeouts, capped by what is left of the budget; a failing or timed-out
-step is recorded and the run goes on. The exit status is 0 when every step passed, 1 otherwise (a failure, a
-timeout, or a step skipped because the budget was spent), 2 for bad arguments or no CUDA device without --smoke /
---dry-run.
+The budget holds by construction:
+- every step of PLAN has a planned time, which is also its hard cap: it runs in its own process group and is killed
+  (the whole group) when the cap is reached; the plan's planned times plus a per-step margin must fit the budget
+  (checked before anything runs, and by tests/test_run_gpu.py), so no step can take another's time;
+- benches write their CSV rows as each measurement finishes, and benches that can stop themselves get their cap
+  (bench_linear_loss --max-seconds), so a cut-short step still leaves its rows;
+- the report is rewritten (and, with --copy-to, copied with the CSVs) after every step, so a run killed from
+  outside still leaves everything finished before it.
+
+Adding a step is one line in PLAN: (name, planned seconds, command); "{py}" is the interpreter and "{smoke}" expands
+to --smoke (plus "{no_csv}" to --no-csv) in smoke runs. Shrink another step, or the budget check fails.
+
+The exit status is 0 when every step passed, 1 otherwise (a failure, a timeout, or a step skipped), 2 for bad
+arguments, a plan over budget, or no CUDA device without --smoke / --dry-run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import importlib.metadata as md
+import importlib.util
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benches" / "results"
+BUDGET_S = 570.0  # 10 minutes of device time, less the machine's start-up and the report
+STEP_MARGIN_S = 5.0  # per step: process start, killing a process group, writing the report
+
+# (name, planned seconds = the step's hard cap, command). One line per step.
+PLAN: list[tuple[str, float, str]] = [
+    ("gpu tests", 150, "{py} -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors {timeout} tests"),
+    ("bench_loss", 120, "{py} benches/bench_loss.py {smoke} {no_csv}"),  # includes torch.compile's compile time
+    ("bench_linear_loss", 120, "{py} benches/bench_linear_loss.py {smoke} {no_csv} --max-seconds 105"),
+    ("bench_packing", 60, "{py} benches/bench_packing.py {smoke}"),
+    ("bench_sampling", 45, "{py} benches/bench_sampling.py {smoke} {no_csv}"),
+]
 
 # distributions whose versions the report records: ours, then the peers the benches compare with
 VERSIONED = ("torch", "triton", "transformers", "tyro", "datasets", "safetensors", "numpy", "liger-kernel",
@@ -43,39 +68,35 @@ class Step:
 
     name: str
     argv: list[str]
-    timeout: float  # seconds, before the budget cap
-    status: str = "not run"  # passed | failed (rc N) | timed out | skipped: why | dry run
+    planned: float  # seconds: the plan's time for this step and its hard cap
+    status: str = "not run"  # passed | failed (rc N) | timed out after N s | skipped: why | dry run
     seconds: float = 0.0
     summary: str = ""  # one line: pytest's result line, or the last line a bench printed
     output: str = ""  # the tail of stdout+stderr
 
 
-def plan(smoke: bool, python: str = sys.executable) -> list[Step]:
-    """The steps, in order. Headline sizes are the benches' GPU defaults; smoke passes their --smoke."""
-    s = ["--smoke"] if smoke else []
-    no_csv = ["--no-csv"] if smoke else []
-    return [
-        # a test module that cannot be imported there (a dependency missing on the GPU image) must not stop the rest
-        Step(
-            "gpu tests",
-            [
-                python,
-                "-m",
-                "pytest",
-                "-q",
-                "-m",
-                "gpu",
-                "-p",
-                "no:cacheprovider",
-                "--continue-on-collection-errors",
-                "tests",
-            ],
-            240,
-        ),  # fmt: skip
-        Step("bench_loss", [python, "benches/bench_loss.py", *s, *no_csv], 150),
-        Step("bench_linear_loss", [python, "benches/bench_linear_loss.py", *s, *no_csv], 240),
-        Step("bench_packing", [python, "benches/bench_packing.py", *s], 150),
-    ]
+def plan(smoke: bool, python: str = sys.executable, entries: list[tuple[str, float, str]] | None = None) -> list[Step]:
+    """The steps of PLAN (or `entries`), in order, with their commands expanded."""
+    fill = {
+        "py": python,
+        "smoke": "--smoke" if smoke else "",
+        "no_csv": "--no-csv" if smoke else "",
+        # a test that hangs must not take the whole step (pytest-timeout is on the GPU image; skipped when absent)
+        "timeout": "--timeout 120" if importlib.util.find_spec("pytest_timeout") else "",
+    }
+    steps = []
+    for name, planned, command in PLAN if entries is None else entries:
+        steps.append(Step(name, [w for w in command.format(**fill).split() if w], float(planned)))
+    return steps
+
+
+def check_budget(steps: list[Step], budget: float) -> None:
+    """Raise ValueError unless the planned times, with a margin per step, fit the budget."""
+    need = sum(s.planned + STEP_MARGIN_S for s in steps)
+    if need > budget:
+        table = ", ".join(f"{s.name} {s.planned:.0f} s" for s in steps)
+        raise ValueError(f"the plan needs {need:.0f} s ({table}, + {STEP_MARGIN_S:.0f} s each) but the budget is "
+                         f"{budget:.0f} s: shrink a step's planned time")  # fmt: skip
 
 
 def _version(dist: str) -> str:
@@ -148,27 +169,38 @@ def summarize(output: str) -> str:
 
 
 def run_step(step: Step, timeout: float, env: dict[str, str], tail_chars: int = 8000) -> None:
-    """Run one step in the repo root; fill in status, seconds, summary and output (tail)."""
+    """Run one step in the repo root in its own process group, killed as a group at `timeout`; fill in status,
+    seconds, summary and output (the tail; what a killed step printed so far is kept)."""
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(step.argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        out = proc.stdout + (("\n" + proc.stderr) if proc.stderr.strip() else "")
-        summary_src = proc.stdout if proc.stdout.strip() else proc.stderr
-        # pytest exit code 5: no tests collected (e.g. -m gpu deselected everything): not a failure of the run
-        ok = proc.returncode == 0 or (proc.returncode == 5 and "pytest" in step.argv)
-        step.status = "passed" if ok else f"failed (rc {proc.returncode})"
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        out += (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        step.status = f"timed out after {timeout:.0f} s"
-        summary_src = out
+    with tempfile.TemporaryFile("w+") as out_f, tempfile.TemporaryFile("w+") as err_f:
+        try:
+            proc = subprocess.Popen(step.argv, cwd=ROOT, env=env, stdout=out_f, stderr=err_f, text=True,
+                                    start_new_session=True)  # fmt: skip
+        except OSError as e:
+            step.status, step.seconds, step.summary = f"failed ({type(e).__name__}: {e})", 0.0, ""
+            return
+        try:
+            rc = proc.wait(timeout=timeout)
+            # pytest exit code 5: no tests collected (e.g. -m gpu deselected everything): not a failure of the run
+            ok = rc == 0 or (rc == 5 and "pytest" in step.argv)
+            step.status = "passed" if ok else f"failed (rc {rc})"
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the step and everything it started
+            proc.wait()
+            step.status = f"timed out after {timeout:.0f} s"
+        out_f.seek(0)
+        err_f.seek(0)
+        stdout, stderr = out_f.read(), err_f.read()
     step.seconds = time.perf_counter() - t0
+    out = stdout + (("\n" + stderr) if stderr.strip() else "")
     step.output = out[-tail_chars:]
-    step.summary = summarize(summary_src)
+    step.summary = summarize(stdout if stdout.strip() else stderr)
 
 
-def render(facts: dict[str, str], steps: list[Step], title: str = "GPU run") -> str:
-    """The markdown report: facts table, steps table, then each step's command and output tail."""
+def render(facts: dict[str, str], steps: list[Step], title: str = "GPU run", budget: float | None = None) -> str:
+    """The markdown report: facts table, steps table (planned and used seconds), then each step's command and
+    output tail."""
 
     def cell(x: str) -> str:
         return str(x).replace("|", "\\|").replace("\n", " ")
@@ -176,8 +208,12 @@ def render(facts: dict[str, str], steps: list[Step], title: str = "GPU run") -> 
     out = [f"# {title}: {facts.get('device', '?')}, {facts.get('date (UTC)', '?')}", ""]
     out += ["| fact | value |", "|---|---|"]
     out += [f"| {cell(k)} | {cell(v)} |" for k, v in facts.items()]
-    out += ["", "| step | status | seconds | result |", "|---|---|---|---|"]
-    out += [f"| {cell(s.name)} | {cell(s.status)} | {s.seconds:.1f} | {cell(s.summary)} |" for s in steps]
+    if budget is not None:
+        out += [f"| budget | {budget:.0f} s; planned {sum(s.planned for s in steps):.0f} s; used "
+                f"{sum(s.seconds for s in steps):.0f} s |"]  # fmt: skip
+    out += ["", "| step | status | planned s | seconds | result |", "|---|---|---|---|---|"]
+    out += [f"| {cell(s.name)} | {cell(s.status)} | {s.planned:.0f} | {s.seconds:.1f} | {cell(s.summary)} |"
+            for s in steps]  # fmt: skip
     for s in steps:
         out += ["", f"## {s.name}", "", "`" + " ".join(s.argv) + "`", ""]
         if s.output:
@@ -185,8 +221,8 @@ def render(facts: dict[str, str], steps: list[Step], title: str = "GPU run") -> 
     return "\n".join(out) + "\n"
 
 
-def write_report(text: str, results_dir: Path, stamp: str | None = None) -> Path:
-    """Write the report to <results_dir>/gpu-run-<UTC stamp>.md (a new file each run; never overwrites)."""
+def report_path(results_dir: Path, stamp: str | None = None) -> Path:
+    """A new <results_dir>/gpu-run-<UTC stamp>.md that no earlier run wrote (never overwrites another run's)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = stamp or _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = results_dir / f"gpu-run-{stamp}.md"
@@ -194,8 +230,23 @@ def write_report(text: str, results_dir: Path, stamp: str | None = None) -> Path
     while path.exists():
         path = results_dir / f"gpu-run-{stamp}-{n}.md"
         n += 1
+    return path
+
+
+def write_report(text: str, results_dir: Path, stamp: str | None = None) -> Path:
+    """Write the report to a new report_path(...) and return it."""
+    path = report_path(results_dir, stamp)
     path.write_text(text)
     return path
+
+
+def copy_results(report: Path, results_dir: Path, since: float, dest: Path) -> int:
+    """Copy the report and every CSV of results_dir modified since `since` to dest; the number of files."""
+    dest.mkdir(parents=True, exist_ok=True)
+    fresh = [f for f in results_dir.glob("*.csv") if f.stat().st_mtime >= since]
+    for f in [report, *fresh]:
+        shutil.copy2(f, dest / f.name)
+    return 1 + len(fresh)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,10 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="run nothing; write the report with the plan")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes (benches' --smoke); works without a GPU")
-    p.add_argument("--budget", type=float, default=570.0, help="seconds for all steps together (default 570)")
+    p.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for all steps (default {BUDGET_S:.0f})")
     p.add_argument("--only", default=None, help="comma-separated step names to run (default: all)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the report goes")
-    p.add_argument("--copy-to", type=Path, default=None, help="also copy the report and new CSVs here")
+    p.add_argument("--copy-to", type=Path, default=None, help="also copy the report and new CSVs here (each step)")
     a = p.parse_args(argv)
     if a.budget <= 0:
         p.error(f"--budget={a.budget}: expected seconds > 0")
@@ -217,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             p.error(f"--only: unknown step(s) {unknown}; steps are {[s.name for s in steps]}")
         steps = [s for s in steps if s.name in names]
+    try:
+        check_budget(steps, a.budget)
+    except ValueError as e:
+        p.error(str(e))
 
     facts = environment()
     if not (a.dry_run or a.smoke) and facts["device"].startswith("none"):
@@ -224,29 +279,34 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" or a.smoke}
     env["PYTHONUNBUFFERED"] = "1"
+    title = "GPU run" + (" (dry run)" if a.dry_run else " (smoke)" if a.smoke else "")
+    path = report_path(a.results_dir)
     start, t_start = time.time(), time.perf_counter()
+
+    def publish() -> None:
+        path.write_text(render(facts, steps, title, a.budget))
+        if a.copy_to is not None:
+            copy_results(path, a.results_dir, start, a.copy_to)
+
+    publish()
     for s in steps:
         if a.dry_run:
             s.status = "dry run"
             continue
         left = a.budget - (time.perf_counter() - t_start)
-        if left < 20:
+        cap = min(s.planned, left - STEP_MARGIN_S)
+        if cap < 1:  # only when an earlier step overran its cap by more than its margin
             s.status = f"skipped: time budget ({a.budget:.0f} s) spent"
             continue
-        print(f"[run_gpu] {s.name}: {' '.join(s.argv)} (timeout {min(s.timeout, left):.0f} s)", flush=True)
-        run_step(s, min(s.timeout, left), env)
+        print(f"[run_gpu] {s.name}: {' '.join(s.argv)} (cap {cap:.0f} s)", flush=True)
+        run_step(s, cap, env)
         print(f"[run_gpu] {s.name}: {s.status} in {s.seconds:.1f} s | {s.summary}", flush=True)
-    title = "GPU run" + (" (dry run)" if a.dry_run else " (smoke)" if a.smoke else "")
-    text = render(facts, steps, title)
-    path = write_report(text, a.results_dir)
-    print(text.split("\n## ", 1)[0])
+        publish()
+    publish()
+    print(render(facts, steps, title, a.budget).split("\n## ", 1)[0])
     print(f"wrote {path}")
     if a.copy_to is not None:
-        a.copy_to.mkdir(parents=True, exist_ok=True)
-        fresh = [f for f in a.results_dir.glob("*.csv") if f.stat().st_mtime >= start]
-        for f in [path, *fresh]:
-            shutil.copy2(f, a.copy_to / f.name)
-        print(f"copied {1 + len(fresh)} file(s) to {a.copy_to}")
+        print(f"copied {copy_results(path, a.results_dir, start, a.copy_to)} file(s) to {a.copy_to}")
     return 0 if all(s.status in ("passed", "dry run") for s in steps) else 1
 
 

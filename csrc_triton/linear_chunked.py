@@ -2,7 +2,7 @@
 row kernel. The logits of one chunk of C tokens are the only V-wide buffer; [T, V] never exists.
 
 Per chunk c of C tokens (rows of hidden h_c [C, H]; W [V, H]; fixed chunk order, no atomics: deterministic):
-    Z   = h_c @ W^T (+ b)                    torch.mm / addmm (cuBLAS: half in, fp32 accumulate)     GEMM 1
+    Z   = h_c @ W^T (+ b)                    cuBLAS: half in, fp32 accumulate, fp32 out               GEMM 1
     _row_fwd_kernel over Z: lse, logp = Z[label]/tau - lse, entropy        (one program per row, reads Z once)
     g   = dL/dlogp for the chunk's tokens    (a callback: the loss head's token phase, or the upstream gradient)
     _row_bwd_kernel over Z, in place: dZ = (g (onehot - p) - g_ent p (log p + H)) / tau   (reads Z, writes dZ)
@@ -14,15 +14,25 @@ forward's chunk loop: 3 GEMMs in all. When it is not (GSPO with old log-probs gi
 gradient), the forward runs GEMM 1 and the row forward only, keeps [T] values (logp, lse, entropy), and the
 backward recomputes Z per chunk: 4 GEMMs.
 
+Precision (fp32_logits=True, the default; DESIGN.md 4b): Z is accumulated AND kept in fp32, so log-probs, entropy,
+ratios and KL never see logits rounded to bf16 (bf16 logits of magnitude ~30 are off by up to 0.06 nats; measured
+in tests/test_ops_linear.py). GEMM 1 writes fp32 through cuBLAS (`torch.mm(..., out_dtype=float32)`, probed once
+per device); where torch lacks that (CPU builds, old torch) the half operands are upcast (exact) and multiplied in
+fp32. For half inputs the row backward writes dZ in the input dtype *into the first half of each fp32 row* (a
+strided [C, V] half view with row stride 2V): the dh / dW GEMMs get half operands and no extra buffer or cast pass
+exists. fp32_logits=False keeps Z in the input dtype (C*V*2 bytes for bf16; the previous behaviour).
+
 Rows that are masked (label -100 or out of range, or mask 0 in the loss) are never read by the row kernels; their
 hidden rows are replaced by 0 before the GEMMs, so NaN there cannot reach any output (0 * NaN), and they get an
 exact zero gradient.
 
-Memory beyond the outputs and the gradients: the chunk buffer C*V (input dtype), one [C, H] chunk of cleaned
-hidden states, and O(T) fp32 vectors. dW: half inputs accumulate straight into the fp32 buffer through cuBLAS
-(addmm with out_dtype=float32) where a one-time probe shows torch supports it; otherwise (CPU, older torch) each
-chunk's partial goes through one [V, H] half buffer (rounded to half once, then summed in fp32). Which is faster on
-a GPU has not been measured (no GPU in the session that wrote this).
+Memory beyond the outputs and the gradients: the chunk buffer C*V*4 bytes (fp32 logits; C*V*elem without), one
+[C, H] chunk of cleaned hidden states, and O(T) fp32 vectors. C is a pure function of (V, H, dtypes, fp32_logits,
+the device's TOTAL memory, an optional requested value): `chunk_size`; never of the allocator's free memory, so a
+resumed process runs the same GEMM shapes and the same fp32 summation order for dW. dW: half inputs accumulate
+straight into the fp32 buffer through cuBLAS (addmm with out_dtype=float32) where a one-time probe shows torch
+supports it; otherwise (CPU, older torch) each chunk's partial goes through one [V, H] half buffer (rounded to half
+once, then summed in fp32).
 """
 
 from __future__ import annotations
@@ -84,7 +94,8 @@ def _row_fwd_kernel(
 @triton.jit
 def _row_bwd_kernel(
     # pointers
-    z_ptr,  # [n, V] logits of the chunk; overwritten with dL/dZ
+    z_ptr,  # [n, V] logits of the chunk (read)
+    dz_ptr,  # [n, V] dL/dZ (written): z_ptr itself, or a half view over the first half of each fp32 row of Z
     labels_ptr,
     valid_ptr,
     g_ptr,  # fp32 [n] dL/dlogp
@@ -94,6 +105,7 @@ def _row_bwd_kernel(
     # sizes, strides
     V,
     stride_z,
+    stride_dz,
     # scalars
     inv_temperature,
     # constants
@@ -103,6 +115,7 @@ def _row_bwd_kernel(
     row = tl.program_id(0)
     valid = tl.load(valid_ptr + row) != 0
     z_row = z_ptr + row.to(tl.int64) * stride_z
+    dz_row = dz_ptr + row.to(tl.int64) * stride_dz
     label = tl.load(labels_ptr + row).to(tl.int64)
     g = tl.load(g_ptr + row)
     lse = tl.load(lse_ptr + row)
@@ -120,7 +133,11 @@ def _row_bwd_kernel(
         if HAS_GRAD_ENTROPY:
             d -= g_ent * p * (log_p + ent)
         d = tl.where(valid, d * inv_temperature, 0.0)
-        tl.store(z_row + cols, d.to(z_ptr.dtype.element_ty), mask=in_v)
+        # The half dZ of block v0 lands on bytes of this row that blocks <= v0 already loaded (fp32 Z, half dZ at
+        # the same row start). Other warps of this program may still be loading them: wait for every warp's load
+        # before any store. (Free when dZ is Z itself: each element is read, then written, by the same thread.)
+        tl.debug_barrier()
+        tl.store(dz_row + cols, d.to(dz_ptr.dtype.element_ty), mask=in_v)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,57 +150,122 @@ def _block_v(device: torch.device) -> dict:
     return dict(BLOCK_V=64)  # the interpreter: small tiles are fast on CPU and exercise the V tail
 
 
-def chunk_size(num_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, requested: int | None) -> int:
-    """Tokens per chunk. CUDA: the largest power of two in [512, 4096] whose C*V buffer fits in a quarter of the
-    free memory; elsewhere 32 (so CPU tests split sequences across chunks). Never more than num_tokens."""
+# chunk sizing: C (a power of two in [MIN_CHUNK, MAX_CHUNK]) is the largest whose chunk buffers fit in
+# 1/CHUNK_MEMORY_FRACTION of the device's total memory. 4096 rows keep GEMM 1 at the GEMM floor on an H100 for any
+# V; 512 is the smallest chunk worth a cuBLAS call at V = 152k.
+MIN_CHUNK, MAX_CHUNK, CHUNK_MEMORY_FRACTION, CPU_CHUNK = 512, 4096, 32, 32
+
+
+def chunk_bytes_per_token(vocab: int, hidden: int, dtype: torch.dtype, fp32_logits: bool) -> int:
+    """Bytes one token of a chunk holds: its logits row (fp32 when fp32_logits or fp32 inputs, else the input
+    dtype) and its cleaned hidden row."""
+    elem = torch.finfo(dtype).bits // 8
+    return vocab * (4 if fp32_logits else elem) + hidden * elem
+
+
+def chunk_size(
+    num_tokens: int | None,
+    vocab: int,
+    hidden: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    requested: int | None = None,
+    *,
+    fp32_logits: bool = True,
+) -> int:
+    """Tokens per chunk: `requested` when given; on CUDA the largest power of two in [MIN_CHUNK, MAX_CHUNK] whose
+    chunk buffers (chunk_bytes_per_token each) fit in 1/CHUNK_MEMORY_FRACTION of the device's TOTAL memory; elsewhere
+    CPU_CHUNK (CPU tests then split sequences across chunks). A pure function of its arguments and the device's
+    total memory (never of free memory), so every process of a run, a resumed one included, runs the same GEMM
+    shapes. Clamped to num_tokens when that is given."""
     if requested is not None:
         c = int(requested)
     elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        fit = int(free * 0.25) // (vocab * torch.finfo(dtype).bits // 8)
-        c = 512
-        while c * 2 <= min(fit, 4096):
+        total = torch.cuda.get_device_properties(device).total_memory
+        per_token = chunk_bytes_per_token(vocab, hidden, dtype, fp32_logits)
+        c = MIN_CHUNK
+        while c * 2 <= MAX_CHUNK and c * 2 * per_token <= total // CHUNK_MEMORY_FRACTION:
             c *= 2
     else:
-        c = 32
-    return max(1, min(c, num_tokens))
+        c = CPU_CHUNK
+    return max(1, c if num_tokens is None else min(c, num_tokens))
 
 
-_FP32_OUT_ADDMM: dict[torch.device, bool] = {}
+def chunked_bytes(T: int, V: int, H: int, dtype: torch.dtype, chunk: int, fp32_logits: bool = True) -> int:
+    """Bytes one fused forward + backward (3-GEMM mode) moves with each GEMM reading its operands once: per chunk,
+    GEMM 1 reads h_c and W and writes Z; the row kernels read Z twice and write dZ; GEMM 2 reads dZ and W and
+    writes dh_c; GEMM 3 reads dZ and h_c and reads + writes the fp32 dW."""
+    e = torch.finfo(dtype).bits // 8
+    z = 4 if fp32_logits else e
+    n_chunks = -(-T // chunk)
+    per_logit = z + 2 * z + e + 2 * e  # GEMM 1 write, two row reads, dZ write, dZ read by GEMMs 2 and 3
+    return T * V * per_logit + n_chunks * V * H * (2 * e + 8) + T * H * 4 * e
 
 
-def _fp32_out_addmm_ok(device: torch.device) -> bool:
-    """Whether torch.addmm(acc32, a16, b16, out_dtype=float32, out=acc32) works here (cuBLAS: half inputs, fp32
-    C and D, the running dW sum never rounded to half). Probed once per device on tiny tensors and checked against
-    an fp32 product; CPU builds lack the op, so there the half partial goes through a [V, H] half buffer instead."""
+_FP32_OUT_GEMM: dict[tuple[torch.device, str], bool] = {}
+
+
+def _fp32_out_ok(device: torch.device, kind: str) -> bool:
+    """Whether cuBLAS runs half-input GEMMs with fp32 C and D here, probed once per device on tiny tensors and
+    checked against an fp32 product. kind "addmm_acc": torch.addmm(acc32, a16, b16, out_dtype=float32, out=acc32)
+    (the running dW sum never rounded to half); "mm": torch.mm(a16, b16, out_dtype=float32, out=z32) (GEMM 1 with
+    fp32 logits); "addmm_bias": the same with a 1-D bias. CPU builds lack these ops (False: the callers take the
+    fallbacks)."""
     if device.type != "cuda":
         return False
-    if device not in _FP32_OUT_ADDMM:
+    key = (device, kind)
+    if key not in _FP32_OUT_GEMM:
         try:
             a = torch.randn(8, 16, device=device).to(torch.bfloat16)
             b = torch.randn(16, 8, device=device).to(torch.bfloat16)
-            acc = torch.ones(8, 8, device=device)
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            want = 1.0 + a.float() @ b.float()
-            ok = bool(torch.allclose(acc, want, atol=1e-3, rtol=1e-3))  # sync: one-time capability probe
+            want = a.float() @ b.float()
+            out = torch.ones(8, 8, device=device)
+            if kind == "addmm_acc":
+                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+                want = want + 1.0
+            elif kind == "mm":
+                torch.mm(a, b, out_dtype=torch.float32, out=out)
+            else:
+                bias = torch.arange(8, device=device, dtype=torch.float32)
+                torch.addmm(bias, a, b, out_dtype=torch.float32, out=out)
+                want = want + bias
+            ok = bool(torch.allclose(out, want, atol=1e-3, rtol=1e-3))  # sync: one-time capability probe
         except (RuntimeError, TypeError, NotImplementedError):
             ok = False
-        _FP32_OUT_ADDMM[device] = ok
-    return _FP32_OUT_ADDMM[device]
+        _FP32_OUT_GEMM[key] = ok
+    return _FP32_OUT_GEMM[key]
 
 
 @contextlib.contextmanager
 def _tf32(device: torch.device, allow: bool):
-    """fp32 GEMMs are IEEE fp32 unless the caller opted into TF32 (restores torch's global flag on exit)."""
+    """fp32 cuBLAS GEMMs are IEEE fp32 unless the caller opted into TF32; torch's setting is restored on exit.
+
+    torch >= 2.9 has `torch.backends.cuda.matmul.fp32_precision` ("ieee" | "tf32"; "none" = inherit the generic
+    `torch.backends.fp32_precision`), and once that API has been used (transformers' enable_tf32 does) reading the
+    legacy `allow_tf32` raises. So the precision is read and set through the new API where it exists; a previous
+    value equal to the generic one is restored as "none" (inherit), so later changes of the generic setting still
+    reach cuBLAS. Older torch: the legacy flag."""
     if device.type != "cuda":
         yield
         return
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow
+    matmul = torch.backends.cuda.matmul
+    want = "tf32" if allow else "ieee"
+    try:
+        prev = matmul.fp32_precision
+    except AttributeError:  # torch < 2.9: only the legacy flag exists
+        prev_flag = matmul.allow_tf32
+        matmul.allow_tf32 = allow
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = prev_flag
+        return
+    restore = "none" if prev == getattr(torch.backends, "fp32_precision", None) else prev
+    matmul.fp32_precision = want
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
+        matmul.fp32_precision = restore
 
 
 def chunked_linear(
@@ -206,22 +288,25 @@ def chunked_linear(
     need_weight: bool = False,
     need_bias: bool = True,
     allow_tf32: bool = False,
+    fp32_logits: bool = True,
 ) -> dict[str, torch.Tensor | None]:
     """The chunk loop. Modes:
     - forward only (forward=True, no gradient source): logp, lse (and entropy), fp32 [T].
     - fused (forward=True, grad_fn): per chunk, after the row forward, g_c = grad_fn(start, end, logp_c) and the
       gradients in the same loop (3 GEMMs).
     - recompute (forward=False, lse/entropy saved, grad_logp and optionally grad_entropy): gradients only.
-    `valid` is uint8 [T] (0 = masked row). Returns a dict with logp, lse, entropy, dh (hidden dtype), dw (fp32),
-    db (fp32, when need_bias and a bias is given), each None when not computed."""
+    `valid` is uint8 [T] (0 = masked row). fp32_logits: keep each chunk's logits in fp32 (see the module doc).
+    Returns a dict with logp, lse, entropy, dh (hidden dtype), dw (fp32), db (fp32, when need_bias and a bias is
+    given), each None when not computed."""
     T, H = hidden.shape
     V = weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
     blocks = _block_v(device)
     inv_t = 1.0 / temperature
     labels, valid = labels.contiguous(), valid.contiguous()
-    if bias is not None:
-        bias = bias.to(dtype).contiguous()
+    half = dtype != torch.float32
+    z_dtype = torch.float32 if (fp32_logits or not half) else dtype
+    bias_z = None if bias is None else bias.to(z_dtype).contiguous()  # added to Z (fp32 with fp32 logits)
     need_bias = need_bias and bias is not None
     # grad_fn is always called (it also produces the loss); the gradient work runs only when some gradient is needed
     has_grad = (grad_fn is not None or grad_logp is not None) and (need_hidden or need_weight or need_bias)
@@ -237,15 +322,21 @@ def chunked_linear(
             out["dh"] = torch.empty(T, H, dtype=dtype, device=device)
         if need_weight:
             out["dw"] = torch.zeros(V, H, dtype=torch.float32, device=device)
-            fp32_out = dtype != torch.float32 and _fp32_out_addmm_ok(device)
-            dw_part = None if dtype == torch.float32 or fp32_out else torch.empty(V, H, dtype=dtype, device=device)
+            fp32_acc = half and _fp32_out_ok(device, "addmm_acc")
+            dw_part = torch.empty(V, H, dtype=dtype, device=device) if half and not fp32_acc else None
         if need_bias:
             out["db"] = torch.zeros(V, dtype=torch.float32, device=device)
         if grad_logp is not None:
             grad_logp = grad_logp.float().contiguous()
         if has_grad_ent:
             grad_entropy = grad_entropy.float().contiguous()
-    z_buf = torch.empty(chunk, V, dtype=dtype, device=device)  # the only V-wide buffer
+    # ---- GEMM 1 variant: half operands with an fp32 result (cuBLAS out_dtype), or fp32 operands
+    upcast = half and z_dtype == torch.float32 and not _fp32_out_ok(device, "mm" if bias is None else "addmm_bias")
+    w_mm = weight.float() if upcast else weight  # [V, H]: only where torch has no fp32-out half GEMM (CPU)
+    mm_kw = dict(out_dtype=torch.float32) if (half and z_dtype == torch.float32 and not upcast) else {}
+    z_buf = torch.empty(chunk, V, dtype=z_dtype, device=device)  # the only V-wide buffer
+    # dZ: in place in Z's dtype, or (half inputs, fp32 logits) a half view over the first half of each fp32 row
+    dz_buf = z_buf.view(dtype)[:, :V] if z_dtype != dtype else z_buf
     zero = torch.zeros((), dtype=dtype, device=device)
     with _tf32(device, allow_tf32):
         for c0 in range(0, T, chunk):  # fixed order: deterministic
@@ -253,12 +344,13 @@ def chunked_linear(
             n = c1 - c0
             v_c = valid[c0:c1]
             h_c = torch.where(v_c.view(torch.bool)[:, None], hidden[c0:c1], zero)  # (n, H); masked rows -> 0
-            z = z_buf[:n]
+            z, dz = z_buf[:n], dz_buf[:n]
             # ---- GEMM 1: the chunk's logits
-            if bias is None:
-                torch.mm(h_c, weight.t(), out=z)
+            h_mm = h_c.float() if upcast else h_c
+            if bias_z is None:
+                torch.mm(h_mm, w_mm.t(), out=z, **mm_kw)
             else:
-                torch.addmm(bias, h_c, weight.t(), out=z)
+                torch.addmm(bias_z, h_mm, w_mm.t(), out=z, **mm_kw)
             if forward:
                 ent_c = out["entropy"][c0:c1] if return_entropy else out["lse"][c0:c1]
                 _row_fwd_kernel[(n,)](
@@ -274,20 +366,20 @@ def chunked_linear(
             ent_c = entropy[c0:c1] if has_grad_ent else g_c
             # ---- dZ in place
             _row_bwd_kernel[(n,)](
-                z, labels[c0:c1], v_c, g_c, lse[c0:c1], g_ent_c, ent_c, V, z.stride(0), inv_t,
+                z, dz, labels[c0:c1], v_c, g_c, lse[c0:c1], g_ent_c, ent_c, V, z.stride(0), dz.stride(0), inv_t,
                 HAS_GRAD_ENTROPY=has_grad_ent, **blocks,
             )  # fmt: skip
-            # ---- GEMMs 2 and 3
+            # ---- GEMMs 2 and 3 (operands in the input dtype)
             if need_hidden:
-                torch.mm(z, weight, out=out["dh"][c0:c1])
+                torch.mm(dz, weight, out=out["dh"][c0:c1])
             if need_weight:
-                if dtype == torch.float32:
-                    out["dw"].addmm_(z.t(), h_c)
-                elif fp32_out:
-                    torch.addmm(out["dw"], z.t(), h_c, out_dtype=torch.float32, out=out["dw"])
+                if not half:
+                    out["dw"].addmm_(dz.t(), h_c)
+                elif fp32_acc:
+                    torch.addmm(out["dw"], dz.t(), h_c, out_dtype=torch.float32, out=out["dw"])
                 else:
-                    torch.mm(z.t(), h_c, out=dw_part)
+                    torch.mm(dz.t(), h_c, out=dw_part)
                     out["dw"].add_(dw_part)
             if need_bias:
-                out["db"].add_(z.sum(0, dtype=torch.float32))
+                out["db"].add_(dz.sum(0, dtype=torch.float32))
     return out

@@ -18,12 +18,19 @@ Masked rows (valid = 0: label -100 or out of range, or outside the loss mask) ar
 as 0, a tile of only masked rows is skipped, and their gradients are exact zeros (NaN there cannot leak).
 fp32 inputs use IEEE fp32 dots (input_precision="ieee") unless the caller opts into TF32.
 
-This is impl="tiled", the minimum-memory option; impl="chunked" (linear_chunked.py) is the fast one.
-Cost: 5 GEMM-equivalents of 2*T*V*H FLOPs (forward 1; backward 2 recomputes + 2 gradient GEMMs) against the
-3-GEMM floor of a materialising implementation, plus the backward's read-modify-write of fp32 dh / dW rows per
-tile (not yet measured on a GPU). Memory: O(T) fp32 per-token buffers, fp32 dh [T, H] and dW [V, H]; nothing of
-size T*V. Tiles, warps and stages per kernel and dtype are in _CUDA_TILES (no register spill on sm_80 or sm_90;
-benches/linear_kernel_regs.py prints the table).
+This is impl="tiled", the minimum-memory option FOR SMALL SHAPES; impl="chunked" (linear_chunked.py) is the fast
+one and the CUDA default. Cost: 5 GEMM-equivalents of 2*T*V*H FLOPs (forward 1; backward 2 recomputes + 2 gradient
+GEMMs) against the 3-GEMM floor, and bytes that grow as T*V*H, not T*V + V*H: every (T-tile, V-tile) pair re-reads
+its h and W operand tiles, and the backward reads and writes the program's fp32 accumulator rows (dh [BLOCK_T, H]
+per V tile, dW [BLOCK_V, H] per T tile) once per pair, because an accumulator of H columns does not fit in
+registers at real H. `tiled_bytes` gives the count (checked against the Triton interpreter in
+tests/test_ops_linear.py): with the bf16 tiles, forward T*V*H/16 bytes and backward 7*T*V*H/16, of which the fp32
+accumulators are T*V*H/4. At T=16384, V=151936, H=3584 that is 0.56 TB forward and 3.9 TB backward (2.2 TB of
+it accumulator traffic), against ~60 GB for impl="chunked": seconds per call on an H100, so the tiled path is
+kept out of large shapes (ops logs a warning above TILED_WARN_BYTES; benches and GPU tests use it at H <= 896 only).
+Memory: O(T) fp32 per-token buffers, fp32 dh [T, H] and dW [V, H]; nothing of size T*V. Tiles, warps and stages
+per kernel and dtype are in _CUDA_TILES (no register spill on sm_80 or sm_90; benches/linear_kernel_regs.py prints
+the table).
 """
 
 from __future__ import annotations
@@ -362,6 +369,27 @@ _CUDA_TILES = {
     ("fp32", "dh"): (32, 64, 32, 8, 1),
     ("fp32", "dw"): (32, 64, 16, 8, 2),
 }
+
+
+TILED_WARN_BYTES = 200 * 10**9  # ops warns when one tiled forward + backward would request more than this
+
+
+def tiled_bytes(T: int, V: int, H: int, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes the tiled kernels request on CUDA (their _CUDA_TILES; every row live; the O(T) and O(V) vectors left
+    out): per kernel ("fwd", "dh", "dw") and the fp32 accumulator part of the backward ("acc"). Per (T-tile,
+    V-tile) pair: fwd reads h and W tiles; dh reads h, W twice (logits, update) and reads + writes its fp32 dh
+    rows; dw reads h twice, W once and reads + writes its fp32 dW rows."""
+    e = torch.finfo(dtype).bits // 8
+    width = "fp32" if dtype == torch.float32 else "half"
+    tiles = {k: _CUDA_TILES[(width, k)][:2] for k in ("fwd", "dh", "dw")}
+    tvh = T * V * H
+    out = {
+        "fwd": tvh * e // tiles["fwd"][1] + tvh * e // tiles["fwd"][0],
+        "dh": tvh * e // tiles["dh"][1] + 2 * tvh * e // tiles["dh"][0] + 8 * tvh // tiles["dh"][1],
+        "dw": 2 * tvh * e // tiles["dw"][1] + tvh * e // tiles["dw"][0] + 8 * tvh // tiles["dw"][0],
+    }
+    out["acc"] = 8 * tvh // tiles["dh"][1] + 8 * tvh // tiles["dw"][0]
+    return out
 
 
 def _blocks(device: torch.device, dtype: torch.dtype, allow_tf32: bool, kind: str) -> dict:

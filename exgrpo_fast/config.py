@@ -83,6 +83,12 @@ class ModelConfig:
     deterministic: bool = False
     """Bit-reproducible GPU runs: deterministic attention backward where the backend has one (flash-attn) and
     torch.use_deterministic_algorithms; see docs/reliability.md for what stays nondeterministic."""
+    lm_head_fp32_logits: bool = True
+    """Chunked LM head (CUDA): keep each chunk's logits in fp32, so log-probs, entropy, ratios and KL never come
+    from logits rounded to the compute dtype; false rounds them (half the chunk buffer's memory with bf16)."""
+    lm_head_chunk_size: int | None = None
+    """Tokens per chunk of the chunked LM head; none = from the device's total memory
+    (exgrpo_fast.ops.lm_head_chunk_size), the same in every process of a run."""
 
 
 @dataclass
@@ -276,6 +282,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                  "log.ckpt_every", "log.keep_last", "rollout.temperature", "grpo.adv_eps",
                  "rollout.max_new_tokens"):  # fmt: skip
         positive(name, _get(cfg, name), zero_ok=True)
+    if cfg.model.lm_head_chunk_size is not None and cfg.model.lm_head_chunk_size < 1:
+        _fail("model.lm_head_chunk_size", cfg.model.lm_head_chunk_size, "expected a positive int or none (auto)")
     if cfg.grpo.group_size < 2:
         _fail("grpo.group_size", cfg.grpo.group_size, "expected >= 2 (advantages are relative within a group)")
     choose("grpo.adv_scale", cfg.grpo.adv_scale, ("group", "batch", "none"))

@@ -48,6 +48,8 @@ __all__ = [
     "fused_policy_loss",
     "token_logprobs_linear",
     "fused_linear_policy_loss",
+    "lm_head_chunk_size",
+    "sample_tokens",
     "backend",
     "current_backend",
     "set_backend",
@@ -571,12 +573,33 @@ def fused_policy_loss(
 _LINEAR_IMPLS = ("auto", "chunked", "tiled")
 
 
-def _linear_impl(impl: str, device: torch.device) -> str:
+def _linear_impl(impl: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
     if impl not in _LINEAR_IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {_LINEAR_IMPLS}")
     if impl == "auto":
-        return "chunked" if device.type == "cuda" else "tiled"
+        return "chunked" if hidden.device.type == "cuda" else "tiled"
+    if impl == "tiled" and hidden.device.type == "cuda":
+        _warn_if_tiled_is_heavy(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
     return impl
+
+
+_tiled_warned: set[tuple[int, int, int]] = set()
+
+
+def _warn_if_tiled_is_heavy(T: int, V: int, H: int, dtype: torch.dtype) -> None:
+    """impl="tiled" moves bytes in proportion to T*V*H (csrc_triton/linear_logprob.py): say so, once per shape,
+    when a forward + backward would request more than linear_logprob.TILED_WARN_BYTES."""
+    from csrc_triton import linear_chunked, linear_logprob
+
+    b = linear_logprob.tiled_bytes(T, V, H, dtype)
+    total = b["fwd"] + b["dh"] + b["dw"]
+    if total > linear_logprob.TILED_WARN_BYTES and (T, V, H) not in _tiled_warned:
+        _tiled_warned.add((T, V, H))
+        _log.warning(
+            "impl='tiled' at T=%d, V=%d, H=%d requests ~%.2f TB per forward + backward (its fp32 accumulators and "
+            "operand tiles are re-read per tile pair); impl='chunked' moves ~%.0f GB",
+            T, V, H, total / 1e12, linear_chunked.chunked_bytes(T, V, H, dtype, linear_chunked.MAX_CHUNK) / 1e9,
+        )  # fmt: skip
 
 
 def _valid_rows(labels: torch.Tensor, vocab: int, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -588,10 +611,34 @@ def _valid_rows(labels: torch.Tensor, vocab: int, mask: torch.Tensor | None = No
     return valid.view(torch.uint8)
 
 
-def _chunk(chunk_size: int | None, hidden: torch.Tensor, weight: torch.Tensor) -> int:
+def lm_head_chunk_size(
+    vocab: int,
+    hidden_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    chunk_size: int | None = None,
+    fp32_logits: bool = True,
+) -> int:
+    """Tokens per chunk of impl="chunked" (before clamping to a batch's token count): `chunk_size` when given, else
+    on CUDA the largest power of two in [512, 4096] whose chunk buffers (V logits in fp32, or in `dtype` with
+    fp32_logits=False, plus one hidden row, per token) fit in 1/32 of the device's TOTAL memory; 32 elsewhere.
+
+    A pure function of its arguments and the device's total memory, never of the allocator's free memory: every
+    process of a run, a resumed one included, runs the same GEMM shapes and the same fp32 summation order for dW.
+    Record it with a checkpoint and pass it back as chunk_size to resume bit-exactly on another device."""
     from csrc_triton import linear_chunked
 
-    return linear_chunked.chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device, chunk_size)
+    _check_chunk_size(chunk_size)
+    device = torch.device(device)
+    return linear_chunked.chunk_size(None, vocab, hidden_size, dtype, device, chunk_size, fp32_logits=fp32_logits)
+
+
+def _chunk(chunk_size: int | None, hidden: torch.Tensor, weight: torch.Tensor, fp32_logits: bool) -> int:
+    from csrc_triton import linear_chunked
+
+    return linear_chunked.chunk_size(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype, hidden.device,
+                                     chunk_size, fp32_logits=fp32_logits)  # fmt: skip
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -633,14 +680,14 @@ class _ChunkedLogprobs(torch.autograd.Function):
     the backward recomputes each chunk's logits (4 GEMMs in all)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, valid, temperature, return_entropy, chunk, allow_tf32):
+    def forward(ctx, hidden, weight, bias, labels, valid, temperature, return_entropy, chunk, allow_tf32, fp32_logits):
         from csrc_triton import linear_chunked
 
         out = linear_chunked.chunked_linear(
             hidden, weight, bias, labels, valid, temperature, chunk, return_entropy=return_entropy,
-            allow_tf32=allow_tf32,
+            allow_tf32=allow_tf32, fp32_logits=fp32_logits,
         )  # fmt: skip
-        ctx.temperature, ctx.chunk, ctx.allow_tf32 = temperature, chunk, allow_tf32
+        ctx.temperature, ctx.chunk, ctx.allow_tf32, ctx.fp32_logits = temperature, chunk, allow_tf32, fp32_logits
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias, labels, valid, out["lse"], out["entropy"])
         if return_entropy:
@@ -659,10 +706,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
             hidden, weight, bias, labels, valid, ctx.temperature, ctx.chunk, forward=False,
             lse=lse, entropy=entropy, grad_logp=grad_logp, grad_entropy=grad_entropy,
             need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, allow_tf32=ctx.allow_tf32,
+            fp32_logits=ctx.fp32_logits,
         )  # fmt: skip
         dw = out["dw"].to(weight.dtype) if need_weight else None
         db = out["db"].to(bias.dtype) if need_bias else None
-        return out["dh"], dw, db, None, None, None, None, None, None
+        return out["dh"], dw, db, None, None, None, None, None, None, None
 
 
 class _ChunkedPolicyLoss(torch.autograd.Function):
@@ -672,7 +720,7 @@ class _ChunkedPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, valid, old_logp, advantages, seq_ids, ref_logp, teacher_logp,
-                params, temperature, chunk, allow_tf32):  # fmt: skip
+                params, temperature, chunk, allow_tf32, fp32_logits):  # fmt: skip
         from csrc_triton import linear_chunked, loss_head
 
         T, device = hidden.shape[0], hidden.device
@@ -701,7 +749,7 @@ class _ChunkedPolicyLoss(torch.autograd.Function):
         out = linear_chunked.chunked_linear(
             hidden, weight, bias, labels, valid, temperature, chunk, return_entropy=True, grad_fn=grad_fn,
             need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1],
-            need_bias=ctx.needs_input_grad[2], allow_tf32=allow_tf32,
+            need_bias=ctx.needs_input_grad[2], allow_tf32=allow_tf32, fp32_logits=fp32_logits,
         )  # fmt: skip
         loss, stats = loss_head.finalize(partials, seq.count)
         values = [stats[name] for name in reference.STAT_NAMES]
@@ -718,7 +766,7 @@ class _ChunkedPolicyLoss(torch.autograd.Function):
             grads.append(None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dtype))
         ctx.grads = None
         need_bias = ctx.needs_input_grad[2]
-        return grads[0], grads[1], grads[2] if need_bias else None, *([None] * 11)
+        return grads[0], grads[1], grads[2] if need_bias else None, *([None] * 12)
 
 
 def _check_linear_inputs(hidden, weight, labels, bias) -> None:
@@ -748,6 +796,11 @@ def _check_chunk_size(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size={chunk_size!r}: expected a positive int or None (auto)")
 
 
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def token_logprobs_linear(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -759,19 +812,23 @@ def token_logprobs_linear(
     impl: str = "auto",
     chunk_size: int | None = None,
     allow_tf32: bool = False,
+    fp32_logits: bool = True,
 ):
     """logp[T] fp32 (and entropy[T]) of labels under logits = hidden @ weight^T (+ bias), without materialising
     [T, V]. Labels equal to -100 are masked rows: logp and entropy 0, exact zero gradient, never read. Under
     no_grad (old, reference and teacher log-probs) nothing is saved; when hidden, weight or bias require grad it is
     differentiable (the SFT stage's cross-entropy).
 
-    impl: "chunked" (vendor GEMMs on chunks of chunk_size tokens, auto-sized from free memory; the CUDA default),
-    "tiled" (all-Triton, least memory; the default elsewhere) or "auto". allow_tf32: let fp32 inputs use TF32
-    tensor cores (default: IEEE fp32 products)."""
+    impl: "chunked" (vendor GEMMs on chunks of chunk_size tokens, default `lm_head_chunk_size(...)`: from the
+    device's total memory; the CUDA default), "tiled" (all-Triton, least memory, small shapes only: its backward
+    re-reads fp32 accumulator rows, see docs/kernels.md; the default elsewhere) or "auto". allow_tf32: let fp32
+    inputs use TF32 tensor cores (default: IEEE fp32 products). fp32_logits (chunked): keep each chunk's logits in
+    fp32 (default; False rounds them to the input dtype, 2 bytes instead of 4 per logit for bf16 inputs)."""
     _check_linear_inputs(hidden, weight, labels, bias)
     temperature = _check_temperature(temperature)
     _check_chunk_size(chunk_size)
-    impl = _linear_impl(impl, hidden.device)
+    _check_flag("fp32_logits", fp32_logits)
+    impl = _linear_impl(impl, hidden, weight)
     if backend_for(hidden.device) == "reference":
         return reference.token_logprobs_linear(
             hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy
@@ -779,17 +836,17 @@ def token_logprobs_linear(
     valid = _valid_rows(labels, weight.shape[0])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if impl == "chunked":
-        chunk = _chunk(chunk_size, hidden, weight)
+        chunk = _chunk(chunk_size, hidden, weight, fp32_logits)
         if not needs_grad:
             from csrc_triton import linear_chunked
 
             out = linear_chunked.chunked_linear(
                 hidden.detach(), weight.detach(), None if bias is None else bias.detach(), labels, valid, temperature,
-                chunk, return_entropy=return_entropy, allow_tf32=allow_tf32,
+                chunk, return_entropy=return_entropy, allow_tf32=allow_tf32, fp32_logits=fp32_logits,
             )  # fmt: skip
             return (out["logp"], out["entropy"]) if return_entropy else out["logp"]
         return _ChunkedLogprobs.apply(hidden, weight, bias, labels, valid, temperature, return_entropy, chunk,
-                                      allow_tf32)  # fmt: skip
+                                      allow_tf32, fp32_logits)  # fmt: skip
     if not needs_grad:
         from csrc_triton import linear_logprob
 
@@ -819,6 +876,7 @@ def fused_linear_policy_loss(
     impl: str = "auto",
     chunk_size: int | None = None,
     allow_tf32: bool = False,
+    fp32_logits: bool = True,
 ):
     """(loss, stats) from hidden[T, H] and the LM head weight[V, H] (+ bias[V]); grads for hidden, weight and bias.
     The [T, V] logits never exist. stats also hold the masked mean entropy.
@@ -828,13 +886,16 @@ def fused_linear_policy_loss(
     LossNorm (then this micro-batch's loss is its share of the step loss); None = this batch's own.
 
     impl="chunked" (CUDA default): 3 GEMMs when the per-token gradient is known in the forward (token-level ratio,
-    or on-policy), else 4 (GSPO with old_logp); memory chunk_size*V*2 bytes beyond the gradients. impl="tiled":
-    all-Triton, 5 GEMM-equivalents, least memory. allow_tf32: TF32 for fp32 inputs (default IEEE fp32)."""
+    or on-policy), else 4 (GSPO with old_logp); memory chunk_size*V*4 bytes beyond the gradients (fp32 logits;
+    chunk_size*V*2 for bf16 inputs with fp32_logits=False, which rounds the logits to bf16). impl="tiled":
+    all-Triton, 5 GEMM-equivalents, least memory, small shapes only (docs/kernels.md). allow_tf32: TF32 for fp32
+    inputs (default IEEE fp32)."""
     _check_linear_inputs(hidden, weight, labels, bias)
     temperature = _check_temperature(temperature)
     _check_chunk_size(chunk_size)
+    _check_flag("fp32_logits", fp32_logits)
     _check_norm(norm)
-    impl = _linear_impl(impl, hidden.device)
+    impl = _linear_impl(impl, hidden, weight)
     cfg = _check_token_inputs(
         "hidden", hidden.shape[0], hidden.device, old_logp, advantages, seq_ids, mask, ref_logp, teacher_logp, cfg
     )
@@ -845,17 +906,57 @@ def fused_linear_policy_loss(
         )  # fmt: skip
     valid = _valid_rows(labels, weight.shape[0], mask)
     if impl == "chunked":
-        chunk = _chunk(chunk_size, hidden, weight)
+        chunk = _chunk(chunk_size, hidden, weight, fp32_logits)
         if cfg.ratio_level == "token" or old_logp is None:
             loss, *values = _ChunkedPolicyLoss.apply(
                 hidden, weight, bias, labels, valid, old_logp, advantages, seq_ids, ref_logp, teacher_logp,
-                loss_spec.kernel_args(cfg, norm), temperature, chunk, allow_tf32,
+                loss_spec.kernel_args(cfg, norm), temperature, chunk, allow_tf32, fp32_logits,
             )  # fmt: skip
             return loss, dict(zip((*reference.STAT_NAMES, "entropy"), values))
         logp, entropy = _ChunkedLogprobs.apply(hidden, weight, bias, labels, valid, temperature, True, chunk,
-                                               allow_tf32)  # fmt: skip
+                                               allow_tf32, fp32_logits)  # fmt: skip
     else:
         logp, entropy = _LinearLogprobs.apply(hidden, weight, bias, labels, valid, temperature, True, allow_tf32)
     loss, stats = _policy_loss(logp, old_logp, advantages, seq_ids, valid, ref_logp, teacher_logp, cfg, norm)
     stats["entropy"] = reference.masked_mean(entropy.detach(), valid)
     return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# next-token sampling (csrc_triton/sampling.py; the PyTorch twin is exgrpo_fast.rollout.sampling)
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, seeds: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Next tokens int64 [B] from logits [B, V] in one fused kernel: Gumbel-max with the counter-based noise of
+    exgrpo_fast.rollout.sampling (a pure function of seed, position and vocab id), top-p without a sort, greedy at
+    temperature 0. The same tokens as rollout.sampling.sample_next_reference (bit for bit at top_p = 1). No host
+    sync: capturable in a CUDA graph. Rollouts call it through rollout.sampling.sample_next."""
+    _check_tensor("logits", logits, ndim=2)
+    _check_float("logits", logits)
+    B, V = logits.shape
+    if V == 0:
+        raise ValueError("logits has V=0 columns")
+    for name, x in (("seeds", seeds), ("positions", positions)):
+        _check_tensor(name, x, ndim=1, device=logits.device)
+        if x.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {x.dtype}")
+        _check_len(name, x, B, "B (logits.shape[0])")
+    if isinstance(temperature, torch.Tensor) or isinstance(top_p, torch.Tensor):
+        raise TypeError("temperature and top_p must be Python floats, not tensors")
+    temperature, top_p = float(temperature), float(top_p)
+    if not 0.0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if B == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    if backend_for(logits.device, announce=False) != "triton":
+        raise RuntimeError(
+            f"sample_tokens needs Triton on {logits.device} (CPU: TRITON_INTERPRET=1 before triton is imported); "
+            "use exgrpo_fast.rollout.sampling.sample_next, which falls back to PyTorch"
+        )
+    from csrc_triton import sampling
+
+    return sampling.sample(logits, temperature, top_p, seeds.contiguous(), positions.contiguous())

@@ -216,7 +216,7 @@ def gpu_behaviour(gpu_bytes: int) -> Iterator[None]:
         mp(ops, "_linear_impl", lambda impl, device: "chunked" if impl == "auto" else impl)
         chunk = linear_chunked.chunk_size
         mp(linear_chunked, "chunk_size", _gpu_chunk_size(chunk, gpu_bytes))
-        mp(linear_chunked, "_fp32_out_addmm_ok", lambda device: True)
+        mp(linear_chunked, "_fp32_out_ok", lambda device, kind: True)
         mp(attention, "_torch_varlen", lambda q, k, v, cu, max_len, scaling, window: _FlashAttention.apply(q, k, v))
         mp(torch.nn.functional, "scaled_dot_product_attention", _sdpa_output_only)
         del csrc_triton
@@ -224,16 +224,14 @@ def gpu_behaviour(gpu_bytes: int) -> Iterator[None]:
 
 
 def _gpu_chunk_size(chunk_size, gpu_bytes: int):
-    """chunk_size() as on a CUDA device with gpu_bytes of memory (its sizing reads only the device's total)."""
+    """linear_chunked.chunk_size as on a CUDA device of gpu_bytes (its sizing reads only the device's total)."""
     from unittest import mock
 
-    def sized(num_tokens, vocab, dtype, device, requested, *args, **kwargs):
-        props = type("Props", (), {"total_memory": gpu_bytes})()
-        with (
-            mock.patch.object(torch.cuda, "mem_get_info", lambda d=None: (gpu_bytes, gpu_bytes)),
-            mock.patch.object(torch.cuda, "get_device_properties", lambda d=None: props),
-        ):
-            return chunk_size(num_tokens, vocab, dtype, torch.device("cuda"), requested, *args, **kwargs)
+    props = type("Props", (), {"total_memory": gpu_bytes})()
+
+    def sized(num_tokens, vocab, hidden, dtype, device, requested=None, **kwargs):
+        with mock.patch.object(torch.cuda, "get_device_properties", lambda d=None: props):
+            return chunk_size(num_tokens, vocab, hidden, dtype, torch.device("cuda"), requested, **kwargs)
 
     return sized
 
@@ -413,7 +411,10 @@ def trace_step(cfg: TrainConfig, path: Path, world: int, shape: PlanShape, *, fa
         if gpu:
             from csrc_triton import linear_chunked
 
-            chunk_bytes = linear_chunked.chunk_size(budget, vocab, student.compute_dtype, device, None) * vocab * 4
+            H, fp32 = config.get_text_config().hidden_size, cfg.model.lm_head_fp32_logits
+            chunk = linear_chunked.chunk_size(budget, vocab, H, student.compute_dtype, device,
+                                              cfg.model.lm_head_chunk_size, fp32_logits=fp32)  # fmt: skip
+            chunk_bytes = chunk * linear_chunked.chunk_bytes_per_token(vocab, H, student.compute_dtype, fp32)
 
         # ---- SFT: a steady-state step (optimizer states resident): micro-batches forward + backward, the step
         optimizer, _ = T.make_optimizer(student.model, cfg, cfg.sft.lr, 0, 1)

@@ -29,6 +29,7 @@ def test_defaults_validate_and_sections_are_the_op_configs():
         (["--loss.clip_low", "1.5"], "loss.clip_low"),
         (["--loss.loss_type", "foo"], "loss.loss_type"),
         (["--model.dtype", "int8"], "model.dtype"),
+        (["--model.lm_head_chunk_size", "0"], "model.lm_head_chunk_size"),
         (["--sft.lr", "-1"], "sft.lr"),
         (["--grpo.adv_scale", "x"], "grpo.adv_scale"),
         (["--log.eval_n", "1000"], "log.eval_n"),

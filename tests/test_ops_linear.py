@@ -199,9 +199,11 @@ def test_bad_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("H", [896, 3584])
+@pytest.mark.parametrize("impl, H", [("chunked", 896), ("chunked", 3584), ("tiled", 896)])  # tiled: small H only
 def test_big_shapes_on_gpu(impl, H):
+    """Headline shapes. The tiled impl requests ~1.1 TB per forward + backward at H=896 and 4.5 TB at H=3584
+    (linear_logprob.tiled_bytes): kept to H=896. The chunked run also checks the half dZ written into the fp32 chunk
+    rows under real warp scheduling (a race there would corrupt dh)."""
     T, V = 16384, 151936
     hidden, weight, b, labels, old, adv, seq_ids, mask, ref, teacher = make(
         T, H, V, 64, torch.bfloat16, bias=False, device="cuda"
@@ -286,11 +288,12 @@ def test_chunked_gemm_count(cfg, gemms):
     assert matmuls == gemms * -(-T // chunk), mode.ops
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl, fp32_logits", [("chunked", True), ("chunked", False), ("tiled", True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_no_tv_allocation(impl, dtype):
-    """Measured in bytes: the only V-wide storage bigger than a few [V] vectors is the chunk buffer (chunked) or a
-    weight-shaped gradient buffer; the reference, for contrast, allocates [T, V]."""
+def test_no_tv_allocation(impl, fp32_logits, dtype):
+    """Measured in bytes: the only V-wide storage bigger than a few [V] vectors is the chunk buffer (chunked: fp32
+    logits, or the input dtype with fp32_logits=False) or a weight-shaped gradient buffer; the reference, for
+    contrast, allocates [T, V]."""
     T, H, V, chunk = 96, 24, 203, 16
     elem = torch.finfo(dtype).bits // 8
     batch = make(T, H, V, 6, dtype)
@@ -302,11 +305,12 @@ def test_no_tv_allocation(impl, dtype):
         return {(nbytes, shape) for (_, nbytes), shape in mode.storages.items() if nbytes > 4 * V * 4}
 
     # weight-shaped (dW, fp32 and input dtype) and hidden-shaped (dh) gradient buffers, and the chunk buffer
-    allowed = {V * H * 4, V * H * elem, T * H * 4, T * H * elem} | ({chunk * V * elem} if impl == "chunked" else set())
-    big = v_wide(fused(impl, chunk))
+    z_bytes = chunk * V * (4 if fp32_logits else elem)
+    allowed = {V * H * 4, V * H * elem, T * H * 4, T * H * elem} | ({z_bytes} if impl == "chunked" else set())
+    big = v_wide(functools.partial(fused(impl, chunk), fp32_logits=fp32_logits))
     assert {nbytes for nbytes, _ in big} <= allowed, sorted(big)
     if impl == "chunked":
-        assert (chunk * V * elem, (chunk, V)) in big  # the chunk buffer is there, and it is the only one
+        assert (z_bytes, (chunk, V)) in big  # the chunk buffer is there, and it is the only one
     assert any(nbytes >= T * V * elem for nbytes, _ in v_wide(R.fused_linear_policy_loss))
 
 
@@ -527,3 +531,171 @@ def test_random_inputs_property(seed):
             err = (g.float() - w.float()).abs().max().item()
             assert err <= tol * (1 + w.abs().max().item()), (impl, name, err, cfg)
         assert torch.count_nonzero(got[2][masked]) == 0, impl
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 21: fp32 logits in the chunked LM head, chunk size from total memory, the TF32 setting
+
+
+def _float64_logp(hidden, weight, labels, g=None):
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    z = h64 @ w64.T
+    lp = torch.log_softmax(z, -1).gather(1, labels[:, None])[:, 0]
+    ent = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    if g is not None:
+        (lp * g.double()).sum().backward()
+    return lp.detach(), ent.detach(), h64.grad, w64.grad
+
+
+def test_chunked_logits_kept_in_fp32():
+    """bf16 inputs, T=48, H=256, V=4099, logits up to |46| (the issue's demonstration): log-probs and entropy from
+    fp32 logits are within 1e-4 nats of float64 (measured 6.2e-6, the tiled kernel's 5.6e-6); logits rounded to
+    bf16 (fp32_logits=False, the previous default) are off by ~0.1 nats. Gradients (V=1031, random upstream
+    gradient): dZ still goes to the GEMMs in bf16, but p comes from fp32 logits: less than half the error."""
+    g = torch.Generator().manual_seed(21)
+    T, H, V = 48, 256, 4099
+    hidden = torch.randn(T, H, generator=g).bfloat16()
+    weight = (torch.randn(V, H, generator=g) * (10 / H**0.5)).bfloat16()
+    labels = torch.randint(0, V, (T,), generator=g)
+    lp64, ent64, _, _ = _float64_logp(hidden, weight, labels)
+    with torch.no_grad():
+        lp, ent = linear("chunked")(hidden, weight, labels, return_entropy=True)
+        lp16, ent16 = linear("chunked")(hidden, weight, labels, return_entropy=True, fp32_logits=False)
+    err, err16 = (lp.double() - lp64).abs().max().item(), (lp16.double() - lp64).abs().max().item()
+    print(f"max logp error vs float64: fp32 logits {err:.2e}, bf16 logits {err16:.2e}")
+    assert err < 1e-4 and (ent.double() - ent64).abs().max().item() < 1e-4
+    assert err16 > 1e-2  # what the opt-out costs, and what the default used to be
+
+    V = 1031
+    weight = weight[:V].contiguous()
+    labels = labels % V
+    up = torch.randn(T, generator=g)
+    _, _, dh64, dw64 = _float64_logp(hidden, weight, labels, up)
+    errors = {}
+    for fp32_logits in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        (linear("chunked")(h, w, labels, fp32_logits=fp32_logits) * up).sum().backward()
+        for name, got, want in (("dh", h.grad, dh64), ("dw", w.grad, dw64)):
+            errors[name, fp32_logits] = (got.double() - want).abs().max().item() / want.abs().max().item()
+    print("max gradient error vs float64, relative to the largest entry:", errors)
+    for name in ("dh", "dw"):  # dZ is rounded to bf16 for the GEMMs either way; its p no longer is
+        assert errors[name, True] < 0.02 and errors[name, True] < 0.5 * errors[name, False], errors
+
+
+def test_chunk_size_depends_on_total_memory_only(monkeypatch):
+    """The chunk size is a pure function of (tokens, V, H, dtypes, fp32_logits, the device's TOTAL memory, a requested
+    value): free memory is never asked, so a resumed process runs the same GEMM shapes."""
+    from types import SimpleNamespace
+
+    from csrc_triton import linear_chunked
+
+    total = {"bytes": 80 * 2**30}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
+        total_memory=total["bytes"]))  # fmt: skip
+
+    def no_free_memory(*a, **k):
+        raise AssertionError("chunk sizing must not depend on free memory")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_free_memory)
+    cuda = torch.device("cuda")
+    V, H, bf16 = 151936, 3584, torch.bfloat16
+    sizes = {}
+    for gib in (141, 80, 40, 24, 16, 8):
+        total["bytes"] = gib * 2**30
+        sizes[gib] = ops.lm_head_chunk_size(V, H, bf16, cuda)
+        per_token = V * 4 + H * 2
+        assert sizes[gib] * per_token <= max(gib * 2**30 // 32, 512 * per_token)
+        assert sizes[gib] == linear_chunked.chunk_size(None, V, H, bf16, cuda)
+    assert sizes == {141: 4096, 80: 4096, 40: 2048, 24: 1024, 16: 512, 8: 512}
+    total["bytes"] = 40 * 2**30
+    assert ops.lm_head_chunk_size(V, H, bf16, cuda, fp32_logits=False) == 4096  # bf16 logits: half the bytes
+    assert ops.lm_head_chunk_size(V, H, bf16, cuda, chunk_size=1000) == 1000  # a config value wins
+    assert linear_chunked.chunk_size(300, V, H, bf16, cuda) == 300  # clamped to the batch's tokens
+    assert ops.lm_head_chunk_size(V, H, bf16, "cpu") == linear_chunked.CPU_CHUNK
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        ops.lm_head_chunk_size(V, H, bf16, cuda, chunk_size=0)
+    with pytest.raises(TypeError, match="fp32_logits must be a bool"):
+        ops.token_logprobs_linear(torch.randn(4, 8), torch.randn(16, 8), torch.zeros(4, dtype=torch.long),
+                                  fp32_logits=1)  # fmt: skip
+
+
+def test_tf32_guard_uses_the_precision_api_in_force():
+    """transformers' enable_tf32 sets torch's new fp32_precision API; after that, torch 2.13 raises on any read of
+    the legacy allow_tf32 flag. The guard reads and sets the new API, restores it (an inherited value stays
+    inherited), and never touches the legacy flag."""
+    from csrc_triton import linear_chunked
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9: only the legacy flag exists")
+    cuda = torch.device("cuda")
+    try:
+        matmul.fp32_precision = "tf32"  # what transformers.enable_tf32 does
+        with linear_chunked._tf32(cuda, False):
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+        with linear_chunked._tf32(cuda, True):
+            assert matmul.fp32_precision == "tf32"
+        # inherited from the generic setting: restored as inherited, so the generic setting still reaches cuBLAS
+        matmul.fp32_precision = "none"
+        torch.backends.fp32_precision = "tf32"
+        with linear_chunked._tf32(cuda, False):
+            assert matmul.fp32_precision == "ieee"
+        torch.backends.fp32_precision = "ieee"
+        assert matmul.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision = "none"
+        torch.backends.fp32_precision = "none"
+    assert matmul.allow_tf32 is False  # the legacy flag is readable again once both are back to "none"
+    with linear_chunked._tf32(torch.device("cpu"), True):  # not CUDA: nothing to set
+        assert matmul.fp32_precision == "none"
+
+
+def test_tiled_bytes_counted_through_the_interpreter(monkeypatch):
+    """The tiled kernels at their CUDA tiles, run through the Triton interpreter with every load and store counted
+    (benches/interp_bytes.py): linear_logprob.tiled_bytes is the count (the O(T), O(V) vectors aside), so its value
+    at T=16384, V=151936, H=3584 (3.9 TB per backward, 2.2 TB of it fp32 accumulator traffic; 71 GB for chunked) is
+    what the kernels request there."""
+    import pathlib
+    import sys
+
+    if DEVICE != "cpu":
+        pytest.skip("bytes are counted through the Triton interpreter")
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from benches import interp_bytes
+    from csrc_triton import linear_chunked, linear_logprob
+
+    real = linear_logprob._blocks
+
+    def cuda_tiles(device, dtype, allow_tf32, kind):
+        b = real(torch.device("cuda"), dtype, allow_tf32, kind)
+        b.pop("num_warps"), b.pop("num_stages")
+        return dict(b, DOT_UPCAST=True)  # the interpreter's half dots need fp32 operands (loads are unchanged)
+
+    monkeypatch.setattr(linear_logprob, "_blocks", cuda_tiles)
+    T, V, H, dtype = 128, 192, 64, torch.bfloat16
+    hidden, weight, _, labels, *_ = make(T, H, V, 2, dtype, bias=False)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    with interp_bytes.count_bytes() as counter:
+        linear("tiled")(h, w, labels).sum().backward()
+    got = {}
+    for launch in counter.launches:
+        got[launch.kernel] = got.get(launch.kernel, 0) + launch.read + launch.written
+    want = linear_logprob.tiled_bytes(T, V, H, dtype)
+    for kernel, kind in (("_fwd_kernel", "fwd"), ("_bwd_dh_kernel", "dh"), ("_bwd_dw_kernel", "dw")):
+        assert want[kind] <= got[kernel] <= 1.05 * want[kind], (kernel, got[kernel], want[kind])
+    big = linear_logprob.tiled_bytes(16384, 151936, 3584, dtype)
+    assert 3.8e12 < big["dh"] + big["dw"] < 4.0e12 and 2.2e12 < big["acc"] < 2.3e12
+    assert linear_chunked.chunked_bytes(16384, 151936, 3584, dtype, 4096) < 0.02 * (big["dh"] + big["dw"])
+
+
+def test_tiled_warns_at_large_shapes(caplog):
+    import logging
+
+    ops._tiled_warned.clear()
+    with caplog.at_level(logging.WARNING, logger="exgrpo_fast.ops"):
+        ops._warn_if_tiled_is_heavy(4096, 32000, 896, torch.bfloat16)  # 64 GB: quiet
+        assert not caplog.records
+        ops._warn_if_tiled_is_heavy(16384, 151936, 3584, torch.bfloat16)
+        ops._warn_if_tiled_is_heavy(16384, 151936, 3584, torch.bfloat16)  # once per shape
+    assert len(caplog.records) == 1 and "4.46 TB" in caplog.text and "71 GB" in caplog.text

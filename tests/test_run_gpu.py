@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,13 +37,14 @@ def test_render_and_write_report(tmp_path):
         ),  # fmt: skip
         G.Step("bench_packing", ["python", "benches/bench_packing.py"], 10, status="skipped: time budget (5 s) spent"),
     ]
-    text = G.render(facts, steps)
+    text = G.render(facts, steps, budget=570)
     assert text.startswith("# GPU run: NVIDIA H200 (132 SMs, 140 GiB), 2026-11-30 04:00\n")
     assert "| liger-kernel | not installed |" in text
     assert "| commit | abc1234 |" in text
-    assert "| gpu tests | passed | 12.3 | 5 passed in 12s |" in text
-    assert "| bench_loss | failed (rc 1) | 1.0 | a \\| b |" in text  # pipes escaped: the table stays a table
-    assert "| bench_packing | skipped: time budget (5 s) spent | 0.0 |  |" in text
+    assert "| budget | 570 s; planned 30 s; used 13 s |" in text
+    assert "| gpu tests | passed | 10 | 12.3 | 5 passed in 12s |" in text
+    assert "| bench_loss | failed (rc 1) | 10 | 1.0 | a \\| b |" in text  # pipes escaped: the table stays a table
+    assert "| bench_packing | skipped: time budget (5 s) spent | 10 | 0.0 |  |" in text
     assert "## bench_loss" in text and "x ''' y" in text  # a fence in the output cannot close the code block
     assert text.count("```") % 2 == 0
     p1 = G.write_report(text, tmp_path / "results", stamp="20261130-040000")
@@ -85,11 +87,59 @@ def test_environment_records_missing_peers(monkeypatch):
 
 def test_plan_headline_and_smoke():
     full = G.plan(smoke=False, python="py")
-    assert [s.name for s in full] == ["gpu tests", "bench_loss", "bench_linear_loss", "bench_packing"]
+    assert [s.name for s in full] == ["gpu tests", "bench_loss", "bench_linear_loss", "bench_packing", "bench_sampling"]
     assert all("--smoke" not in s.argv for s in full)  # headline sizes: the benches' GPU defaults
-    assert full[0].argv[:6] == ["py", "-m", "pytest", "-q", "-m", "gpu"]
-    assert sum(s.timeout for s in full[1:]) + full[0].timeout > 570  # the budget, not the sum, bounds the run
+    assert full[0].argv[:6] == ["py", "-m", "pytest", "-q", "-m", "gpu"] and full[0].argv[-1] == "tests"
     assert all("--smoke" in s.argv for s in G.plan(smoke=True)[1:])
+    assert "--max-seconds" in full[2].argv  # a bench that can stop itself gets its cap
+    # the budget holds by construction: planned times (the caps) plus a margin each fit the 10-minute budget
+    G.check_budget(full, G.BUDGET_S)
+    assert sum(s.planned + G.STEP_MARGIN_S for s in full) <= G.BUDGET_S <= 600
+    extra = G.plan(smoke=False, entries=[*G.PLAN, ("memory plan", 100, "{py} -m exgrpo_fast.plan")])  # one line
+    assert extra[-1].argv[1:] == ["-m", "exgrpo_fast.plan"] and extra[-1].planned == 100
+    with pytest.raises(ValueError, match="shrink a step's planned time"):
+        G.check_budget(extra, G.BUDGET_S)
+
+
+def test_run_step_kills_the_whole_process_group(tmp_path):
+    """A step over its cap is killed with everything it started; what it printed before is kept."""
+    pid_file = tmp_path / "child.pid"
+    code = (f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+            f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(c.pid)); print('child started', "
+            f"flush=True); time.sleep(60)")  # fmt: skip
+    step = G.Step("hang", [sys.executable, "-c", code], 2)
+    G.run_step(step, 2, {"PATH": "/usr/bin:/bin"})
+    assert step.status == "timed out after 2 s" and "child started" in step.output and step.seconds < 20
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the kill is asynchronous: the child is gone (or a zombie of init) within moments
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().split()[2] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the step's child {child} outlived the step")
+
+
+def test_main_caps_steps_and_rewrites_the_report_after_each(tmp_path, monkeypatch):
+    """A step that overruns its planned time is cut at it and the next step still runs with its full time; the
+    report on disk is rewritten after every step (the second step reads the first one's row from it) and copied."""
+    results, out = tmp_path / "r", tmp_path / "out"
+    slow, reader = tmp_path / "slow.py", tmp_path / "reader.py"
+    slow.write_text("import time\nprint('begun', flush=True)\ntime.sleep(30)\n")
+    reader.write_text(f"import glob\nt = open(sorted(glob.glob({str(results)!r} + '/gpu-run-*.md'))[-1]).read()\n"
+                      "print([ln for ln in t.splitlines() if ln.startswith('| slow ')][0])\n")  # fmt: skip
+    monkeypatch.setattr(G, "PLAN", [("slow", 2, f"{{py}} {slow}"), ("reader", 20, f"{{py}} {reader}")])
+    rc = G.main(["--smoke", "--budget", "60", "--results-dir", str(results), "--copy-to", str(out)])
+    assert rc == 1  # the slow step timed out
+    (report,) = results.glob("gpu-run-*.md")
+    text = report.read_text()
+    assert "| slow | timed out after 2 s | 2 |" in text and "begun" in text
+    assert "| reader | passed | 20 |" in text
+    assert "| slow | timed out after 2 s" in text.split("## reader", 1)[1]  # the report as the reader saw it
+    assert (out / report.name).read_text() == text
 
 
 def test_main_dry_run_writes_report(tmp_path, capsys):
@@ -97,7 +147,7 @@ def test_main_dry_run_writes_report(tmp_path, capsys):
     assert rc == 0
     (report,) = (tmp_path / "r").glob("gpu-run-*.md")
     text = report.read_text()
-    assert "(dry run)" in text and text.count("| dry run |") == 4 and "| triton |" in text
+    assert "(dry run)" in text and text.count("| dry run |") == len(G.PLAN) and "| triton |" in text
     assert (tmp_path / "out" / report.name).read_text() == text
     assert f"wrote {report}" in capsys.readouterr().out
 
