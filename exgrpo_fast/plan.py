@@ -213,7 +213,7 @@ def gpu_behaviour(gpu_bytes: int) -> Iterator[None]:
         from csrc_triton import linear_chunked
 
         mp(ops, "backend_for", lambda device, announce=True: "triton")
-        mp(ops, "_linear_impl", lambda impl, device: "chunked" if impl == "auto" else impl)
+        mp(ops, "_linear_impl", lambda impl, hidden, weight: "chunked" if impl == "auto" else impl)
         chunk = linear_chunked.chunk_size
         mp(linear_chunked, "chunk_size", _gpu_chunk_size(chunk, gpu_bytes))
         mp(linear_chunked, "_fp32_out_ok", lambda device, kind: True)
@@ -382,6 +382,7 @@ def trace_step(cfg: TrainConfig, path: Path, world: int, shape: PlanShape, *, fa
     grpo_batches, n_grpo, n_seqs = _micro_batches(shape, vocab, math.ceil(cfg.grpo.problems_per_step / world) * G,
                                                   budget)  # fmt: skip
     sft_batches, grpo_batches = [b.to(device) for b in sft_batches], [b.to(device) for b in grpo_batches]
+    head = {"chunk_size": cfg.model.lm_head_chunk_size, "fp32_logits": cfg.model.lm_head_fp32_logits}
     tracker = _tracker_class()()
     components: dict[str, dict[str, int]] = {}
     mesh = None
@@ -428,7 +429,7 @@ def trace_step(cfg: TrainConfig, path: Path, world: int, shape: PlanShape, *, fa
         for i, b in enumerate(sft_batches):
             student.micro_batch(last=i == len(sft_batches) - 1)
             hidden, weight, bias = student.policy(b)
-            logp = ops.token_logprobs_linear(hidden, weight, b.loss_labels, bias=bias)
+            logp = ops.token_logprobs_linear(hidden, weight, b.loss_labels, bias=bias, **head)
             loss = -logp.sum() / total
             (loss * student.loss_scale).backward()
             loss_sum = loss_sum + loss.detach()
@@ -492,20 +493,20 @@ def trace_step(cfg: TrainConfig, path: Path, world: int, shape: PlanShape, *, fa
         U = cfg.grpo.updates_per_batch
         batches = grpo_batches
         with torch.no_grad():
-            old = [T._logp(student.policy, b, 1.0) if U > 1 else None for b in batches]
+            old = [T._logp(student.policy, b, 1.0, head) if U > 1 else None for b in batches]
             if ref is not None:
-                refs = [T._logp(ref, b, 1.0) for b in batches]
+                refs = [T._logp(ref, b, 1.0, head) for b in batches]
             elif cfg.loss.kl_beta > 0:
                 with student.reference():
-                    refs = [T._logp(student.policy, b, 1.0) for b in batches]
+                    refs = [T._logp(student.policy, b, 1.0, head) for b in batches]
             else:
                 refs = [None] * len(batches)
-            tch = [T._logp(teacher, b, 1.0) if teacher is not None else None for b in batches]
+            tch = [T._logp(teacher, b, 1.0, head) if teacher is not None else None for b in batches]
         update = T.OptimizerStep(student, optimizer, cfg.optim.grad_clip)
         advantages = torch.zeros(n_seqs, device=device)
         loss, _ = T.policy_loss_backward(
             student.policy, batches, advantages, old, refs, tch, [True] * len(batches), T.step_loss_norm(batches),
-            cfg.loss, 1.0, micro_batch=student.micro_batch, loss_scale=student.loss_scale,
+            cfg.loss, 1.0, micro_batch=student.micro_batch, loss_scale=student.loss_scale, lm_head=head,
         )  # fmt: skip
         grads = _grad_bytes(student)
         _step(update, loss, fake)

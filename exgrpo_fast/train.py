@@ -257,6 +257,12 @@ class Run:
     def flop_shape(self) -> FlopShape:
         return self.student.flop_shape
 
+    @property
+    def lm_head(self) -> dict:
+        """Options of every LM-head op of the run: the chunk size recorded with the run (config and the first
+        device's total memory: a resume on another GPU runs the same GEMM shapes) and fp32 logits."""
+        return {"chunk_size": self.extra["lm_head_chunk_size"], "fp32_logits": self.cfg.model.lm_head_fp32_logits}
+
     def evaluate(self, tag: str, global_step: int, *, same_as: str = "") -> dict:
         """Greedy multi-turn eval on the held-out splits, logged and kept in extra["evals"][tag]. same_as names an
         earlier eval of the same weights (a stage of 0 steps): when on record its numbers are reused, logged under
@@ -466,7 +472,7 @@ def sft_step(run: Run, step: int, update: OptimizerStep) -> dict:
         batch = batches[min(i, len(batches) - 1)].to(run.device)  # past the end: padding, weight 0
         run.student.micro_batch(last=i == counts.micro_batches - 1)
         hidden, weight, bias = run.policy(batch)  # (N, H) at loss positions, (V, H)
-        logp = ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias)
+        logp = ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias, **run.lm_head)
         loss = -logp.sum() / total * (1.0 if i < len(batches) else 0.0)
         (loss * run.student.loss_scale).backward()
         loss_sum += loss.detach()
@@ -507,7 +513,7 @@ def step_loss_norm(batches: list[PackedBatch]) -> ops.LossNorm:
 def policy_loss_backward(
     policy: PackedPolicy, batches: list[PackedBatch], advantages: torch.Tensor, old: list, ref: list, teacher: list,
     live: list[bool], norm: ops.LossNorm | None, loss_cfg: LossConfig, temperature: float,
-    micro_batch: Callable[[bool], None] | None = None, loss_scale: float = 1.0,
+    micro_batch: Callable[[bool], None] | None = None, loss_scale: float = 1.0, lm_head: dict | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """One pass of the policy loss over the step's micro-batches, backward included: (loss, stats) of the step.
     old[i] None = on-policy (ratio 1: the fused op takes the detached current log-probs itself, no extra LM-head
@@ -515,7 +521,8 @@ def policy_loss_backward(
     norm = the step's normaliser, global over ranks (None: each micro-batch normalised by its own counts,
     packing-dependent). Stats are token-weighted by the same normaliser (so over ranks they add up to the global
     means), ratio_max is a maximum. micro_batch(last) runs before each forward (Student.micro_batch); loss_scale
-    multiplies the loss before backward only (Student.loss_scale)."""
+    multiplies the loss before backward only (Student.loss_scale); lm_head: the LM-head op options of the run
+    (chunk_size, fp32_logits: Run.lm_head)."""
     total = norm.num_tokens if norm is not None else sum(b.num_loss_tokens for b, ok in zip(batches, live) if ok)
     total = max(1.0, float(total))
     loss_sum = torch.zeros((), device=advantages.device)
@@ -528,6 +535,7 @@ def policy_loss_backward(
         loss, stats = ops.fused_linear_policy_loss(
             hidden, weight, b.loss_labels, old_b, advantages[b.sample_index], b.loss_seq_ids, mask,
             bias=bias, ref_logp=ref_b, teacher_logp=tch_b, temperature=temperature, cfg=loss_cfg, norm=norm,
+            **(lm_head or {}),
         )  # fmt: skip
         w = 1.0 if is_live else 0.0
         (loss * (w * loss_scale)).backward()
@@ -572,15 +580,16 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     t1 = time.perf_counter()
     flops = 0.0
     with torch.no_grad():
-        old = [None if U == 1 else _logp(run.policy, b, temperature) for b in batches]
+        head = run.lm_head
+        old = [None if U == 1 else _logp(run.policy, b, temperature, head) for b in batches]
         if frozen.ref is not None:
-            ref = [_logp(frozen.ref, b, temperature) for b in batches]
+            ref = [_logp(frozen.ref, b, temperature, head) for b in batches]
         elif cfg.loss.kl_beta > 0:  # LoRA: the reference is this model with its adapters disabled
             with run.student.reference():
-                ref = [_logp(run.policy, b, temperature) for b in batches]
+                ref = [_logp(run.policy, b, temperature, head) for b in batches]
         else:
             ref = [None] * len(batches)
-        tch = [_logp(frozen.teacher, b, temperature) if frozen.teacher is not None else None for b in batches]
+        tch = [_logp(frozen.teacher, b, temperature, head) if frozen.teacher is not None else None for b in batches]
     for b in packed:
         flops += forward_flops(run.flop_shape, b.seq_lens, b.num_loss_tokens) * (
             (U > 1) + (cfg.loss.kl_beta > 0) + 3 * U
@@ -592,7 +601,7 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     for _ in range(U):
         loss, update_stats = policy_loss_backward(
             run.policy, batches, advantages, old, ref, tch, live, counts.norm, cfg.loss, temperature,
-            micro_batch=run.student.micro_batch, loss_scale=run.student.loss_scale,
+            micro_batch=run.student.micro_batch, loss_scale=run.student.loss_scale, lm_head=run.lm_head,
         )  # fmt: skip
         update(loss)
         for k, v in update_stats.items():
@@ -726,6 +735,11 @@ def setup_run(
         extra.setdefault("lora_base", model_path)
     base = extra["lora_base"] if cfg.model.lora_rank > 0 else model_path
     student = load_student(base, cfg.model, device, world, resume_from=resume_dir)
+    head = student.model.get_output_embeddings().weight
+    extra.setdefault("lm_head_chunk_size", ops.lm_head_chunk_size(
+        head.shape[0], head.shape[1], student.compute_dtype, device, chunk_size=cfg.model.lm_head_chunk_size,
+        fp32_logits=cfg.model.lm_head_fp32_logits,
+    ))  # fmt: skip
     if student.sharded:  # FSDP2 initialises lazily from the first forward, which must be the root's
         with torch.no_grad():
             warm = [encode_dialogue(student.tokenizer, Dialogue.of(("user", "1"), ("assistant", "1")))]
@@ -853,11 +867,13 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _logp(model: torch.nn.Module, batch: PackedBatch, temperature: float) -> torch.Tensor:
-    """No-grad log-probs of the batch's loss labels under a policy / reference / teacher model."""
+def _logp(model: torch.nn.Module, batch: PackedBatch, temperature: float, lm_head: dict | None = None) -> torch.Tensor:
+    """No-grad log-probs of the loss labels under a policy / reference / teacher model (lm_head: Run.lm_head)."""
     policy = model if isinstance(model, PackedPolicy) else PackedPolicy(model)
     hidden, weight, bias = policy(batch)
-    logp = ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias, temperature=temperature)
+    logp = ops.token_logprobs_linear(
+        hidden, weight, batch.loss_labels, bias=bias, temperature=temperature, **(lm_head or {})
+    )
     release_root(policy)
     return logp
 
