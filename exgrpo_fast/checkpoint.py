@@ -123,7 +123,7 @@ def _legacy_numpy_globals() -> list:
         from numpy._core.multiarray import _reconstruct  # NumPy 2
     except ImportError:  # pragma: no cover - NumPy 1
         from numpy.core.multiarray import _reconstruct
-    return [np.ndarray, np.dtype, (_reconstruct, "numpy.core.multiarray._reconstruct"),
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (_reconstruct, "numpy.core.multiarray._reconstruct"),
             (_reconstruct, "numpy._core.multiarray._reconstruct")]  # fmt: skip
 
 
