@@ -305,13 +305,13 @@ def test_real_sigterm_to_the_cli_then_resume(tmp_path):
     """The command line under a real SIGTERM from outside (what SLURM / Kubernetes send) mid-GRPO: exit 143 after a
     checkpoint and the resume command; the resume finishes the run with every step once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "exgrpo_fast.train", "--preset", "test", "--grpo.steps", "40", "--log.out_dir",
+    cmd = [sys.executable, "-m", "exgrpo_fast.train", "--preset", "test", "--grpo.steps", "12", "--log.out_dir",
            str(tmp_path), "--log.run_name", "r", "--log.ckpt_every", "100"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith("grpo   2/40"):
+        if line.startswith("grpo   2/12"):
             proc.send_signal(signal.SIGTERM)
             break
     out, err = proc.communicate(timeout=300)
@@ -319,11 +319,11 @@ def test_real_sigterm_to_the_cli_then_resume(tmp_path):
     run = tmp_path / "r"
     assert f"resume: python -m exgrpo_fast.train --resume {run}" in out
     stopped = ckpt_lib.resolve_checkpoint(run)
-    assert stopped.name.startswith("grpo-") and 2 <= int(stopped.name[5:]) < 40
+    assert stopped.name.startswith("grpo-") and 2 <= int(stopped.name[5:]) < 12
     resumed = subprocess.run([sys.executable, "-m", "exgrpo_fast.train", "--resume", str(run)], capture_output=True,
                              text=True, env=env, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [r["step"] for r in rows(run) if r["stage"] == "grpo"] == list(range(40))
+    assert [r["step"] for r in rows(run) if r["stage"] == "grpo"] == list(range(12))
 
 
 def test_open_run_config_errors_name_fields():
@@ -331,3 +331,50 @@ def test_open_run_config_errors_name_fields():
         rundir.check_resume({"sft.steps": [3, 1]}, {"stage": "sft", "step": 2, "extra": {}}, False, Path("x"), None)
     rundir.check_resume({"grpo.steps": [3, 1]}, {"stage": "sft", "step": 2, "extra": {}}, False, Path("x"), None)
     assert time.time() > 0
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker with RANK=rank (read from the children's environments)."""
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child.pid
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+@pytest.mark.slow
+def test_torchrun_one_rank_signalled_all_stop_at_one_step_and_the_lock_holds(tmp_path):
+    """torchrun, 2 gloo processes: SIGTERM reaches rank 1 only, mid-GRPO; the ranks agree (at the step's metrics
+    sync) to stop after the same step, rank 0 saves, both exit 143. A resume while another process holds the run dir
+    is refused on every rank; the real resume finishes the run with every step once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+              "-m", "exgrpo_fast.train"]  # fmt: skip
+    run = tmp_path / "r"
+    cmd = [*launch, "--preset", "test", "--sft.steps", "2", "--grpo.steps", "12", "--log.out_dir", str(tmp_path),
+           "--log.run_name", "r", "--log.ckpt_every", "100"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("grpo   2/12"):
+            os.kill(_rank_pid(proc, 1), signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and "143" in err, err[-4000:]  # torchrun reports its workers' exit codes
+    assert f"resume: torchrun --nproc_per_node 2 -m exgrpo_fast.train --resume {run}" in out
+    stopped = ckpt_lib.resolve_checkpoint(run)
+    step = int(stopped.name.split("-")[1])
+    assert stopped.name.startswith("grpo-") and 2 <= step < 12
+    grpo = [r["step"] for r in rows(run) if r["stage"] == "grpo"]
+    assert grpo == list(range(step))  # no rank ran past the agreed step
+
+    with rundir.RunLock(run):
+        held = subprocess.run([*launch, "--resume", str(run)], capture_output=True, text=True, env=env, timeout=600)
+    assert held.returncode != 0 and f"run dir {run} is in use by another process (pid {os.getpid()}" in held.stderr
+    assert "rank 1: rank 0 refused the run dir" in held.stderr
+    done = subprocess.run([*launch, "--resume", str(run)], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert [r["step"] for r in rows(run) if r["stage"] == "grpo"] == list(range(12))
