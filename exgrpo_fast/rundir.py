@@ -81,7 +81,14 @@ def check_fresh(run_dir: Path, named_by: str) -> None:
         raise RunDirError(f"{named_by}: cannot write the run dir {run_dir}: {problem}")
     held = run_contents(run_dir)
     if held:
+        from exgrpo_fast.checkpoint import list_checkpoints
+
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        if not list_checkpoints(run_dir / "checkpoints"):  # a run that died before its first checkpoint
+            raise RunDirError(
+                f"run dir {run_dir} holds a run that ended before its first checkpoint ({shown}): remove it to start "
+                "again, or choose another --log.run_name"
+            )
         raise RunDirError(
             f"run dir {run_dir} already holds a run ({shown}): continue it with --resume {run_dir}, or choose "
             "another --log.run_name"

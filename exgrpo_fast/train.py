@@ -617,6 +617,9 @@ def _train(
 ) -> dict:
     t_start = time.perf_counter()
     validate_run(cfg, resume, world=int(os.environ.get("WORLD_SIZE", "1")))  # user errors before any dir or model
+    if stop.requested:  # a signal while the inputs were checked: nothing exists yet, nothing to save
+        print(f"stopped by {signal.Signals(stop.signum).name} before the run started: nothing was written", flush=True)
+        return {"run_dir": None, "stopped_at": None, "ckpt": None, "signal": stop.signum}
     rank, world, _ = setup_distributed(cfg)
     opened = rundir.open_run(cfg, resume, run_dir, rank, world)  # checked, locked; a resume's changes checked
     try:

@@ -355,11 +355,11 @@ def test_torchrun_one_rank_signalled_all_stop_at_one_step_and_the_lock_holds(tmp
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
               "-m", "exgrpo_fast.train"]  # fmt: skip
     run = tmp_path / "r"
-    cmd = [*launch, "--preset", "test", "--sft.steps", "2", "--grpo.steps", "12", "--log.out_dir", str(tmp_path),
+    cmd = [*launch, "--preset", "test", "--sft.steps", "1", "--grpo.steps", "8", "--log.out_dir", str(tmp_path),
            "--log.run_name", "r", "--log.ckpt_every", "100"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in proc.stdout:
-        if line.startswith("grpo   2/12"):
+        if line.startswith("grpo   2/8"):
             os.kill(_rank_pid(proc, 1), signal.SIGTERM)
             break
     out, err = proc.communicate(timeout=600)
@@ -367,7 +367,7 @@ def test_torchrun_one_rank_signalled_all_stop_at_one_step_and_the_lock_holds(tmp
     assert f"resume: torchrun --nproc_per_node 2 -m exgrpo_fast.train --resume {run}" in out
     stopped = ckpt_lib.resolve_checkpoint(run)
     step = int(stopped.name.split("-")[1])
-    assert stopped.name.startswith("grpo-") and 2 <= step < 12
+    assert stopped.name.startswith("grpo-") and 2 <= step < 8
     grpo = [r["step"] for r in rows(run) if r["stage"] == "grpo"]
     assert grpo == list(range(step))  # no rank ran past the agreed step
 
@@ -377,4 +377,31 @@ def test_torchrun_one_rank_signalled_all_stop_at_one_step_and_the_lock_holds(tmp
     assert "rank 1: rank 0 refused the run dir" in held.stderr
     done = subprocess.run([*launch, "--resume", str(run)], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert [r["step"] for r in rows(run) if r["stage"] == "grpo"] == list(range(12))
+    assert [r["step"] for r in rows(run) if r["stage"] == "grpo"] == list(range(8))
+
+
+def test_a_run_that_died_before_its_first_checkpoint_is_named_as_such(tmp_path, capsys, monkeypatch):
+    def crash(*a, **k):
+        raise RuntimeError("killed during the untrained eval")
+
+    monkeypatch.setattr(T.Run, "evaluate", crash)
+    with pytest.raises(RuntimeError):
+        T.main(["--preset", "test", "--log.out_dir", str(tmp_path), "--log.run_name", "r"])
+    monkeypatch.undo()
+    code, _, err = main(capsys, "--log.out_dir", str(tmp_path), "--log.run_name", "r")
+    assert code == 2 and one_line_error(err).startswith(
+        f"error: run dir {tmp_path / 'r'} holds a run that ended before its first checkpoint ("
+    )
+
+
+def test_a_signal_while_inputs_are_checked_writes_nothing(tmp_path, capsys, monkeypatch):
+    real = T.validate_run
+
+    def validate(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "validate_run", validate)
+    code, out, _ = main(capsys, "--log.out_dir", str(tmp_path / "runs"))
+    assert code == 130 and "stopped by SIGINT before the run started: nothing was written" in out
+    assert not (tmp_path / "runs").exists()
