@@ -2,7 +2,9 @@
 
 Layout of one checkpoint `RUN_DIR/checkpoints/<stage>-<step:06d>/`:
   config.json, model.safetensors, tokenizer files   loadable by AutoModelForCausalLM.from_pretrained
-  trainer_state.pt   optimizer, scheduler, RNG states (torch, cuda, python, numpy), stage, step, data position, extra
+  trainer_state.pt   optimizer, scheduler, RNG states (torch, cuda, python, numpy), stage, step, data position, extra:
+                     tensors and plain values only, read with torch.load(weights_only=True), so loading a checkpoint
+                     never runs code from it (a crafted pickle is refused with CheckpointError)
   checkpoint.json    {"stage", "step", "seq"}: written last, so its presence marks a complete checkpoint; seq orders
                      the checkpoints of a run (1 + the largest seq present when it was saved)
 and `RUN_DIR/checkpoints/latest`, a pointer file naming the newest one.
@@ -24,12 +26,17 @@ or missing pointer costs nothing.
 
 Under FSDP2 the full (unsharded) model and optimizer state are gathered to rank 0, which writes; on load every rank
 reads the full state and re-shards it.
+
+Only one process writes a run (train holds an OS lock on the run dir, see exgrpo_fast.rundir); the tidy-up of a
+crashed save still leaves alone the temp and displaced dirs of any live process, whatever it is. A full disk during
+a save removes the half-written temp dir and raises DiskFullError naming the path (the older checkpoints are intact).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -40,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from exgrpo_fast.errors import CheckpointError, MissingPathError
+from exgrpo_fast.errors import CheckpointError, MissingPathError, full_disk_named
 
 STATE_FILE = "trainer_state.pt"
 META_FILE = "checkpoint.json"
@@ -53,6 +60,7 @@ CRASH_POINTS = ("begin", "writing", "tmp_complete", "old_aside", "committed", "p
 CRASH_EXIT = 97
 _OLD = re.compile(r"^\.(?P<name>.+)\.old-\d+$")
 _JUNK = re.compile(r"^\..+\.(tmp|del)-\d+$")
+_PID = re.compile(r"\.(?:tmp|del|old)-(?P<pid>\d+)$")
 
 
 def _is_distributed() -> bool:
@@ -63,8 +71,23 @@ def _rank() -> int:
     return dist.get_rank() if _is_distributed() else 0
 
 
+def numpy_rng_state() -> dict:
+    """NumPy's global RNG state as a tensor and plain numbers (a pickled ndarray would need an unsafe load)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}  # fmt: skip
+
+
+def set_numpy_rng_state(state) -> None:
+    """Inverse of numpy_rng_state; also takes the tuple of np.random.get_state() (checkpoints written before)."""
+    if isinstance(state, dict):
+        keys = state["keys"].numpy().astype(np.uint32)
+        state = (state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])
+    np.random.set_state(state)
+
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -73,9 +96,50 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    set_numpy_rng_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plain(obj, where: str = "extra"):
+    """obj with NumPy scalars turned into Python numbers; TypeError naming the place of anything that is not a
+    tensor, a plain value (None, bool, int, float, str) or a dict / list / tuple of them: a trainer state must load
+    with torch.load(weights_only=True), and this finds out at save time rather than at resume time."""
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    raise TypeError(f"{where} is a {type(obj).__name__}: a trainer state holds tensors and plain values only")
+
+
+def _legacy_numpy_globals() -> list:
+    """The globals of np.random.get_state()'s ndarray in trainer states written before numpy_rng_state: an array of
+    a plain dtype (no code runs), allowed by their names under NumPy 1 and NumPy 2."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # NumPy 2
+    except ImportError:  # pragma: no cover - NumPy 1
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            (_reconstruct, "numpy._core.multiarray._reconstruct")]  # fmt: skip
+
+
+def safe_load(path: str | Path) -> dict:
+    """torch.load(path, weights_only=True) on the CPU, NumPy RNG arrays of older checkpoints allowed. A file that
+    needs any other global (code) raises CheckpointError naming the path and the global; nothing of it runs."""
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        why = next((x for x in lines if "GLOBAL" in x or "global" in x), lines[-1] if lines else type(e).__name__)
+        raise CheckpointError(
+            f"{path}: refused: it is not a plain trainer state (tensors and values) and loading it could run code "
+            f"({why})"
+        ) from None
 
 
 def _has_dtensors(tensors: Iterable) -> bool:
@@ -214,21 +278,42 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 probes without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists, owned by someone else
+    return True
+
+
+def _held_by_live_process(entry: Path) -> bool:
+    """A `.tmp-PID` / `.del-PID` / `.old-PID` entry of another process that is still running: a save in progress,
+    not crash debris."""
+    m = _PID.search(entry.name)
+    return m is not None and int(m.group("pid")) != os.getpid() and _pid_alive(int(m.group("pid")))
+
+
 def repair_checkpoints(root: str | Path) -> None:
     """Tidy what a crashed save left in a checkpoints dir: unfinished `.tmp-`/`.del-` dirs are removed, and a
     `.NAME.old-PID` dir goes back to NAME when NAME is missing (the crash hit between steps 4 and 5) or is removed
-    when NAME is complete again. Only the writer of a run may call this (never concurrently with a save)."""
+    when NAME is complete again. Entries whose PID is a live process other than this one are a save in progress
+    and are left alone. Only the writer of a run calls this (the run-dir lock, exgrpo_fast.rundir)."""
     root = Path(root)
     if not root.is_dir():
         return
     for entry in sorted(root.iterdir()):
+        if _held_by_live_process(entry):
+            continue
         if _JUNK.match(entry.name) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
         elif entry.name.startswith(f".{POINTER}.tmp-") and entry.is_file():
             entry.unlink(missing_ok=True)
     for entry in sorted(root.iterdir()):
         m = _OLD.match(entry.name)
-        if not (m and entry.is_dir()):
+        if not (m and entry.is_dir()) or _held_by_live_process(entry):
             continue
         final = root / m.group("name")
         if checkpoint_meta(final) is not None:
@@ -308,24 +393,30 @@ def save_checkpoint(
             "optimizer": optim_sd,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(),
-            "extra": extra or {},
+            "extra": plain(extra or {}),
         }
         seq = 1 + max((checkpoint_meta(p)["seq"] for p in list_checkpoints(root)), default=0)
         tmp = root / f".{ckpt_dir.name}.tmp-{os.getpid()}"
         tmp.mkdir()
-        unwrapped = getattr(model, "module", model)
-        unwrapped.save_pretrained(tmp, state_dict=model_sd, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, tensors in (tensor_files or {}).items():
-            from safetensors.torch import save_file
+        try:
+            with full_disk_named(tmp, "the checkpoint was not written; the older ones are intact"):
+                unwrapped = getattr(model, "module", model)
+                unwrapped.save_pretrained(tmp, state_dict=model_sd, safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+                for name, tensors in (tensor_files or {}).items():  # float32 masters, LoRA adapters
+                    from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
-        _crash_point("writing")
-        torch.save(state, tmp / STATE_FILE)
-        _fsync_tree(tmp)
-        _write_durable(tmp / META_FILE, json.dumps({"stage": stage, "step": step, "seq": seq}) + "\n")
-        _fsync_dir(tmp)
+                    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
+                _crash_point("writing")
+                with open(tmp / STATE_FILE, "wb") as f:  # a Python file: a full disk keeps its errno
+                    torch.save(state, f)
+                _fsync_tree(tmp)
+                _write_durable(tmp / META_FILE, json.dumps({"stage": stage, "step": step, "seq": seq}) + "\n")
+                _fsync_dir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # never read (hidden name); removing it frees the space now
+            raise
         _crash_point("tmp_complete")
         old = None
         if ckpt_dir.exists():
@@ -372,12 +463,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_trainer_state(ckpt_dir: str | Path) -> dict:
-    """The trainer state saved with a checkpoint; errors name the file."""
+    """The trainer state saved with a checkpoint, loaded without running code from it (safe_load); errors name the
+    file."""
     path = Path(ckpt_dir) / STATE_FILE
     if not path.is_file():
         raise MissingPathError(f"{path} does not exist ({Path(ckpt_dir)} is not a checkpoint written by the trainer)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return safe_load(path)
+    except CheckpointError:
+        raise
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated or foreign file
         raise CheckpointError(f"{path}: cannot read the trainer state ({type(e).__name__}: {e})") from e
 

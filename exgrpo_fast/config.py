@@ -187,7 +187,8 @@ class LogConfig:
     out_dir: str = "runs"
     """Parent folder of run dirs."""
     run_name: str = ""
-    """Run dir name under out_dir; "" = a timestamp."""
+    """Run dir name under out_dir (a relative path without '..'); "" = a timestamp. A fresh run refuses a run dir
+    that already holds a run (continue it with --resume)."""
     log_every: int = 1
     """Print a log line every this many steps."""
     eval_n: int = 200
@@ -235,6 +236,15 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         validate(self)
         return self
+
+
+RESUME_MUTABLE = ("sft.steps", "grpo.steps", "log.log_every", "log.eval_every", "log.ckpt_every", "log.keep_last",
+                  "log.progress", "log.tensorboard")  # fmt: skip
+"""The fields a resumed run may change (docs/reliability.md): the step count of a stage that has not ended (never
+below the steps done), logging, eval and checkpoint cadence. Any other change is refused naming the field; each
+allowed one is recorded in config.json's "amendments" with the stage and step from which it applies."""
+AMENDMENTS = "amendments"
+"""The key of config.json that lists the changes resumes made: [{"stage", "step", "changes": {field: [old, new]}}]."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,6 +310,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail("log.eval_n", cfg.log.eval_n, f"expected <= data.n_test={cfg.data.n_test}")
     if cfg.loss.teacher_beta > 0 and not cfg.model.teacher_path:
         _fail("loss.teacher_beta", cfg.loss.teacher_beta, "> 0 needs model.teacher_path")
+    name = cfg.log.run_name
+    if name and (Path(name).is_absolute() or name.startswith("~") or ".." in Path(name).parts or not Path(name).parts):
+        _fail("log.run_name", name, "expected a name inside log.out_dir (a relative path without '..')")
     for section in ("loss", "reward"):
         try:  # these sections check themselves on construction; rebuild them to run the checks on CLI / TOML values
             dataclasses.replace(getattr(cfg, section))
@@ -457,17 +470,24 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def from_dict(d: Mapping) -> TrainConfig:
-    """A TrainConfig from the nested dict of a config.json (TrainConfig.to_dict)."""
-    return merge(TrainConfig(), d)
+    """A TrainConfig from the nested dict of a config.json (TrainConfig.to_dict): the config a run started with,
+    then the changes of its resumes ("amendments", see RESUME_MUTABLE) in order: the config the run runs now."""
+    d = dict(d)
+    amendments = d.pop(AMENDMENTS, [])
+    cfg = merge(TrainConfig(), d)
+    for a in amendments:
+        apply_overrides(cfg, {name: change[1] for name, change in a["changes"].items()})
+    return cfg
 
 
-def find_saved_config(path: str | Path) -> dict | None:
-    """The config.json of a run dir or of the run dir above a checkpoint dir, if any."""
-    path = Path(path)
-    for cand in (path / "config.json", path.parent / "config.json", path.parent.parent / "config.json"):
-        if cand.is_file():
-            return json.loads(cand.read_text())
-    return None
+def config_changes(old: TrainConfig, new: TrainConfig) -> dict[str, list]:
+    """{dotted field: [old value, new value]} of every leaf field that differs."""
+    changes = {}
+    for name, _, _ in iter_fields():
+        a, b = _get(old, name), _get(new, name)
+        if a != b:
+            changes[name] = [list(a) if isinstance(a, tuple) else a, list(b) if isinstance(b, tuple) else b]
+    return changes
 
 
 def to_toml(cfg: TrainConfig) -> str:
@@ -623,9 +643,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, TrainArgs]:
     if preset not in PRESETS:
         raise ConfigError(f"preset={preset!r}: expected one of {tuple(PRESETS)}")
     cfg = PRESETS[preset]()
-    saved = find_saved_config(known.resume) if known.resume else None
+    saved = find_run_config(known.resume) if known.resume else None
     if saved is not None:
-        cfg = from_dict(saved)
+        cfg = from_dict(saved[0])
     try:
         merge(cfg, toml)
     except ConfigError as e:
@@ -668,6 +688,8 @@ def eval_config(args: EvalArgs, saved: Mapping | None) -> TrainConfig:
     """The TrainConfig an eval runs under: the run's saved config (or TrainConfig()) with the eval options that
     were set; the eval's problems per split are its log.eval_n (data.n_test raised to it for built-in data)."""
     cfg = from_dict(saved) if saved is not None else TrainConfig()
+    if args.n is None and cfg.log.eval_n == 0:  # the run evaluated nothing: its whole held-out split
+        cfg.log.eval_n = cfg.data.n_test
     overrides = {"log.eval_n": args.n, "data.seed": args.seed, "data.train_path": args.data,
                  "data.ood_path": args.ood_path, "rollout.max_new_tokens": args.max_new_tokens,
                  "rollout.batch_size": args.batch_size, "model.dtype": args.dtype}  # fmt: skip

@@ -16,10 +16,14 @@ keep working.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 R = TypeVar("R")
@@ -54,6 +58,26 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that exists but cannot be used (unreadable trainer state, wrong layout)."""
 
 
+class RunDirError(UserError, ValueError):
+    """A run directory that cannot be used as asked: it holds another run, another process is writing it, it is not
+    writable, or a resume asks for a change the run cannot take."""
+
+
+class DiskFullError(UserError, OSError):
+    """No space left (or the quota exhausted) while writing a run's files; the message names the path."""
+
+    def __str__(self) -> str:  # keep our message verbatim (OSError formats "[Errno ...]" only when given errno)
+        return self.args[0] if self.args else ""
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """An output path that already holds something the command would overwrite (pass the command's --overwrite)."""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """An optional package a command needs is not installed; the message says what to install."""
+
+
 class MissingPathError(UserError, FileNotFoundError):
     """A path the user named (model dir, checkpoint, data file) does not exist or lacks a required file."""
 
@@ -62,6 +86,49 @@ class MissingPathError(UserError, FileNotFoundError):
 
     def __str__(self) -> str:  # OSError formats "[Errno ...]" only when given errno; keep our message verbatim
         return self.args[0] if self.args else ""
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122", "StorageFull")
+
+
+def is_disk_full(exc: BaseException, path: str | Path | None = None) -> bool:
+    """Whether an exception (or one it was raised from / during) says the disk or the quota is full: an OSError with
+    ENOSPC / EDQUOT, the same in the words of a Rust or C++ writer (safetensors), or a writer that lost the errno
+    (torch's "file write failed") while the filesystem of `path` has no space left."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return True
+        if any(w in str(e) for w in _FULL_WORDS):
+            return True
+        todo += [e.__cause__, e.__context__]
+    if path is not None and ("write failed" in str(exc) or "iostream error" in str(exc)):
+        p = Path(path)
+        while not p.exists() and p.parent != p:
+            p = p.parent
+        try:
+            return shutil.disk_usage(p).free < 2**20
+        except OSError:
+            return False
+    return False
+
+
+@contextlib.contextmanager
+def full_disk_named(path: str | Path, hint: str = "") -> Iterator[None]:
+    """Turn a full-disk error raised inside the block into DiskFullError("no space left on device writing PATH")."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if is_disk_full(e, path):
+            raise DiskFullError(f"no space left on device writing {path}" + (f"; {hint}" if hint else "")) from e
+        raise
 
 
 def _debug_requested(argv: list[str]) -> bool:

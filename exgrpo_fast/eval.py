@@ -31,10 +31,11 @@ from exgrpo_fast.config import eval_config, find_run_config, parse_eval_args
 from exgrpo_fast.data.lengths import resolve_max_new_tokens
 from exgrpo_fast.data.splits import load_data
 from exgrpo_fast.data.problem import Problem
-from exgrpo_fast.errors import cli_main
+from exgrpo_fast.errors import ConfigError, cli_main, full_disk_named
 from exgrpo_fast.model.loading import check_model_dir, load_model, use_device
 from exgrpo_fast.rewards import RewardConfig, score_dialogue
 from exgrpo_fast.rollout import SamplingParams, rollout_dialogues
+from exgrpo_fast.rundir import writable_problem
 
 
 def evaluate(
@@ -95,6 +96,8 @@ def _main(argv: list[str]) -> dict[str, float]:
     if not (ckpt / "config.json").is_file() or (ckpt / "metrics.jsonl").is_file():
         ckpt = resolve_checkpoint(ckpt)
     check_model_dir(ckpt)
+    out = Path(args.out) if args.out else ckpt / "eval.json"
+    check_out(out)  # before the eval, not after it
     saved, run_dir = find_run_config(ckpt) or (None, ckpt)
     cfg = eval_config(args, saved)
 
@@ -118,12 +121,22 @@ def _main(argv: list[str]) -> dict[str, float]:
     metrics["eval_s"] = time.perf_counter() - t0
     n = cfg.log.eval_n
     print(f"eval {ckpt} | n {n} | max_new_tokens {max_new_tokens} | " + format_eval(metrics))
-    out = Path(args.out) if args.out else ckpt / "eval.json"
-    out.write_text(
-        json.dumps({"ckpt": str(ckpt), "n": n, "max_new_tokens": max_new_tokens, **metrics}, indent=2) + "\n"
-    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with full_disk_named(out):
+        out.write_text(
+            json.dumps({"ckpt": str(ckpt), "n": n, "max_new_tokens": max_new_tokens, **metrics}, indent=2) + "\n"
+        )
     print(f"wrote {out}")
     return metrics
+
+
+def check_out(out: Path) -> None:
+    """The JSON output path can be written: not a directory, its folder creatable and writable (ConfigError)."""
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a directory; give a file path such as {out / 'eval.json'}")
+    problem = writable_problem(out.parent)
+    if problem:
+        raise ConfigError(f"--out {out}: cannot write it: {problem}")
 
 
 if __name__ == "__main__":

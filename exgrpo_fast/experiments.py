@@ -256,6 +256,7 @@ def run_paper(cfg: ExperimentConfig, train_fn: Callable[..., dict] | None = None
         overrides = {**base, **c.overrides}
         if c.start_from:
             overrides["model.path"] = _sft_checkpoint(out / "cells" / c.start_from)
+        _clear_unfinished(out / "cells" / c.name)
         return build_cfg(overrides), out / "cells" / c.name
 
     def report(c: Cell) -> None:
@@ -325,6 +326,21 @@ def _run_cell(train_fn: Callable[..., dict], run_cfg: Any, run_dir: str, threads
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(run_dir) / "console.log", "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         train_fn(run_cfg, run_dir=run_dir)
+
+
+def _clear_unfinished(cell_dir: Path) -> None:
+    """A cell without summary.json that ran before (killed, failed) starts again from scratch: its run files are
+    removed, since the trainer refuses a run dir that already holds a run (console.log stays, appended to)."""
+    import shutil
+
+    from exgrpo_fast.rundir import run_contents
+
+    for name in run_contents(cell_dir):
+        path = cell_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _sft_checkpoint(cell_dir: Path) -> str:

@@ -33,11 +33,12 @@ import json
 import math
 import os
 import random
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,9 @@ from transformers.utils import logging as hf_logging
 
 from exgrpo_fast import checkpoint as ckpt_lib
 from exgrpo_fast import ops
-from exgrpo_fast.errors import cli_main
-from exgrpo_fast.config import TrainConfig, parse_args, to_toml
+from exgrpo_fast import rundir
+from exgrpo_fast.errors import cli_main, full_disk_named
+from exgrpo_fast.config import TrainConfig, parse_args
 from exgrpo_fast.data.dialogue import encode_dialogue
 from exgrpo_fast.data.lengths import resolve_max_new_tokens
 from exgrpo_fast.data.packing import PackedBatch, pack_sequences
@@ -239,6 +241,11 @@ class Run:
     extra: dict  # {"evals": {tag: metrics}, "ref_path": ...}: saved in every checkpoint
     n_params: int
     stop_after: int | None = None  # global step after which to checkpoint and return (tests: an interruption)
+    stop: rundir.StopRequest = field(default_factory=rundir.StopRequest)  # SIGTERM / SIGINT: stop after this step
+    resume_changes: dict = field(default_factory=dict)  # config changes this resume made (rundir.check_resume)
+    last_save: Path | None = None  # the newest checkpoint of the run (the resumed one until this session saves)
+    t_start: float = field(default_factory=time.perf_counter)  # this session's start
+    wall_before: float = 0.0  # wall time of the earlier sessions, up to their last checkpoint
 
     @property
     def model(self) -> torch.nn.Module:
@@ -289,13 +296,19 @@ class Run:
         metrics.jsonl back to exactly here; the stage's older checkpoints beyond log.keep_last are removed."""
         path = self.run_dir / "checkpoints" / f"{stage}-{step:06d}"
         self.extra["log_position"] = self.log.position()
+        self.extra["wall_s"] = self.wall()  # the summary's wall_s of a resumed run counts every session
         export, state, files = self.student.export()  # HF export in the compute dtype + float32 masters / adapters
         ckpt_lib.save_checkpoint(
             path, export, self.tokenizer, optimizer=optimizer, scheduler=scheduler, stage=stage, step=step,
             extra=self.extra, keep_last=self.cfg.log.keep_last, model_state=state, tensor_files=files,
             keep=[self.extra["ref_path"]] if "ref_path" in self.extra else [],
         )  # fmt: skip
+        self.last_save = path
         return path
+
+    def wall(self) -> float:
+        """Wall seconds of the run: the earlier sessions' (to their last checkpoint) plus this one's."""
+        return self.wall_before + time.perf_counter() - self.t_start
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,11 +364,17 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
     optimizer, scheduler = make_optimizer(run.model, cfg, stage.lr, stage.warmup, stage.steps)
     if state is not None and state["stage"] == stage.name:
         ckpt_lib.restore(state, run.model, optimizer, scheduler)
+        if f"{stage.name}.steps" in run.resume_changes:  # a resume changed the stage's length: its schedule
+            scheduler.last_epoch -= 1  # applies from this step on (the restored lr is the old schedule's)
+            _scheduler_step(scheduler)
     update = OptimizerStep(run.student, optimizer, cfg.optim.grad_clip)
-    bar = _progress(cfg, run.rank, stage.steps, start, stage.name)
     history = run.extra.setdefault("history", {}).setdefault(stage.name, [])  # saved with checkpoints: a resumed
     del history[start:]  # run's summary covers every step, as a straight run's does
     every = ckpt_interval(cfg.log.ckpt_every, stage.steps)
+    if _stop_agreed(run):  # a signal before the stage's first step (set-up, an eval): stop here
+        path = run.last_save or run.save(stage.name, start, optimizer, scheduler)  # unsaved work: the evals
+        return {"stopped_at": stage.offset + start, "signal": run.stop.exit_code - 128, "ckpt": path}
+    bar = _progress(cfg, run.rank, stage.steps, start, stage.name)
     for step in range(start, stage.steps):
         t0 = time.perf_counter()
         m = step_fn(step, update)
@@ -366,7 +385,9 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
         ops.raise_deferred_errors()  # sync: the step's deferred input checks, read with its metrics
         m = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in m.items()}  # sync: metrics
         m.update(grad_norm=update.grad_norm.item(), lr=lr, skipped=int(not update.finite), step_s=dt)
-        m = reduce_metrics(m, run.world, run.device)
+        # the ranks agree on a stop at the sync they make anyway (one rank's signal stops all: a MAX metric)
+        m = reduce_metrics({**m, "stop_requested": float(run.stop.requested)}, run.world, run.device)
+        signalled = m.pop("stop_requested") > 0
         m["tok_per_s"] = m["tokens"] / m["step_s"]
         util = mfu(m.pop("flops") / run.world, m.get("t_train", m["step_s"]), run.device, run.student.compute_dtype)
         if util is not None:
@@ -378,15 +399,25 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
             run.log.log(stage.name, step, global_step, m, line)
         if stage.eval_every and done % stage.eval_every == 0 and done < stage.steps:
             run.evaluate(f"{stage.name}-{done}", global_step)
-        stop = stage.offset + done == run.stop_after
+        stop = stage.offset + done == run.stop_after or signalled
         if (done % every == 0 and done < stage.steps) or stop:  # the stage's end is saved once, below
             run.save(stage.name, done, optimizer, scheduler)
         if stop:
             bar.close()
-            return {"stopped_at": stage.offset + done, "last_loss": m["loss"]}
+            out = {"stopped_at": stage.offset + done, "last_loss": m["loss"], "ckpt": run.last_save}
+            return {**out, "signal": run.stop.exit_code - 128} if signalled else out
     bar.close()
     run.evaluate(stage.end_eval, stage.offset + stage.steps, same_as=stage.start_eval if stage.steps == 0 else "")
     return {"history": history, "ckpt": run.save(stage.name, stage.steps, optimizer, scheduler)}
+
+
+def _stop_agreed(run: Run) -> bool:
+    """Whether any rank was asked to stop (one all-reduce MAX; once per stage, outside the step loop)."""
+    if run.world == 1:
+        return run.stop.requested
+    flag = torch.tensor([float(run.stop.requested)], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())  # sync: once per stage
 
 
 # How each metric of a step combines over ranks (one all-reduce per kind). Sums: the loss and the loss stats are
@@ -395,7 +426,7 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
 # same on every rank by construction (grad norm, lr, skip flag; reward metrics are computed from all ranks' samples).
 SUM_METRICS = ("loss", "tokens", "update_tokens", "clip_frac_low", "clip_frac_high", "ratio_mean", "kl_ref",
                "kl_teacher", "entropy", "flops")  # fmt: skip
-MAX_METRICS = ("ratio_max", "step_s", "t_rollout", "t_logp", "t_update", "t_train")
+MAX_METRICS = ("ratio_max", "step_s", "t_rollout", "t_logp", "t_update", "t_train", "stop_requested")
 MEAN_METRICS = ()
 
 
@@ -650,82 +681,103 @@ def grpo_log_line(step: int, steps: int, m: dict) -> str:
 
 
 def train(
-    cfg: TrainConfig, *, resume: str | None = None, run_dir: str | None = None, stop_after: int | None = None
+    cfg: TrainConfig,
+    *,
+    resume: str | None = None,
+    run_dir: str | None = None,
+    stop_after: int | None = None,
+    signals: bool = False,
 ) -> dict:
-    """Run both stages; returns a summary dict. stop_after = global step after which to checkpoint and return
-    (simulates an interruption; used by the resume test)."""
+    """Run both stages; returns a summary dict, or for a run that stopped early {"run_dir", "stopped_at", "ckpt",
+    "signal" (when a signal stopped it)}. stop_after = global step after which to checkpoint and return (simulates
+    an interruption; used by the resume test). signals: SIGTERM / SIGINT stop the run after its current step with a
+    checkpoint (rundir.StopRequest; the command line turns on)."""
     # ops checks that read tensor values (labels in range, NaN rewards) run on the device and raise at the step's
     # metrics sync (run_stage), so the micro-batch loop pays no host sync for them
-    with ops.backend(cfg.ops_backend), ops.value_checks("deferred"):
-        return _train(cfg, resume=resume, run_dir=run_dir, stop_after=stop_after)
+    stop = rundir.StopRequest()
+    with (
+        ops.backend(cfg.ops_backend),
+        ops.value_checks("deferred"),
+        stop.installed() if signals else contextlib.nullcontext(),
+    ):
+        return _train(cfg, resume=resume, run_dir=run_dir, stop_after=stop_after, stop=stop)
 
 
-def _train(cfg: TrainConfig, *, resume: str | None, run_dir: str | None, stop_after: int | None) -> dict:
+def _train(
+    cfg: TrainConfig, *, resume: str | None, run_dir: str | None, stop_after: int | None, stop: rundir.StopRequest
+) -> dict:
     t_start = time.perf_counter()
     validate_run(cfg, resume, world=int(os.environ.get("WORLD_SIZE", "1")))  # user errors before any dir or model
+    if stop.requested:  # a signal while the inputs were checked: nothing exists yet, nothing to save
+        print(f"stopped by {signal.Signals(stop.signum).name} before the run started: nothing was written", flush=True)
+        return {"run_dir": None, "stopped_at": None, "ckpt": None, "signal": stop.signum}
     with distributed(cfg) as (rank, world, device):
-        run, state, resume_dir, model_path = setup_run(cfg, rank, world, device, resume, run_dir, stop_after)
-        if state is None and cfg.log.eval_start:
-            run.evaluate("untrained", 0)
+        opened = rundir.open_run(cfg, resume, run_dir, rank, world)  # checked, locked; a resume's changes checked
+        try:
+            with full_disk_named(opened.run_dir, f"free space, then: {rundir.resume_command(opened.run_dir, world)}"):
+                if opened.finished:
+                    return _finished(opened, rank, world)
+                return _stages(cfg, opened, (rank, world, device), stop_after, stop, t_start)
+        finally:
+            opened.release()
 
-        # ---- Stage 1: EI distillation (SFT on teacher dialogues)
-        sft_start = 0 if state is None else (state["step"] if state["stage"] == "sft" else cfg.sft.steps)
-        if sft_start < cfg.sft.steps:
-            stage = Stage("sft", cfg.sft.steps, cfg.sft.lr, cfg.sft.warmup_steps, offset=0, end_eval="sft")
-            out = run_stage(run, stage, lambda step, update: sft_step(run, step, update), sft_log_line, sft_start,
-                            state)  # fmt: skip
-            if "stopped_at" in out:
-                return _stopped(run, out)
-            run.extra["ref_path"] = str(out["ckpt"])
-        elif state is None or state["stage"] == "sft":  # no SFT stage, or resumed from the end of it
-            if "sft" not in run.extra["evals"] and (cfg.log.eval_start or cfg.grpo.steps == 0):
-                run.evaluate("sft", cfg.sft.steps, same_as="untrained")  # no SFT step: the starting weights
-            run.extra.setdefault("ref_path", str(resume_dir) if resume_dir else model_path)
 
-        # ---- Stage 2: ExGRPO
-        grpo_start = state["step"] if state is not None and state["stage"] == "grpo" else 0
-        if run.student.lora and grpo_start == 0 and run.student.base_path != run.extra["ref_path"]:
-            # LoRA: GRPO trains fresh adapters on the SFT result (its export, adapters merged), which is also the KL
-            # reference: the base with the adapters disabled
-            run.student = load_student(run.extra["ref_path"], cfg.model, run.device, run.world)
-            run.extra["lora_base"] = run.extra["ref_path"]
-        frozen = load_frozen(run)
-        stage = Stage("grpo", cfg.grpo.steps, cfg.grpo.lr, cfg.grpo.warmup_steps, offset=cfg.sft.steps,
-                      end_eval="final", start_eval="sft", eval_every=cfg.log.eval_every)  # fmt: skip
-        out = run_stage(
-            run, stage, lambda step, update: grpo_step(run, frozen, step, update), grpo_log_line, grpo_start, state
-        )
+def _stages(
+    cfg: TrainConfig, opened: rundir.OpenedRun, place: tuple[int, int, torch.device], stop_after: int | None,
+    stop: rundir.StopRequest, t_start: float,
+) -> dict:  # fmt: skip
+    run, state, resume_dir, model_path = setup_run(cfg, *place, None, None, stop_after, opened=opened)
+    run.stop, run.resume_changes, run.last_save, run.t_start = stop, opened.changes, resume_dir, t_start
+    run.wall_before = state["extra"].get("wall_s", 0.0) if state is not None else 0.0
+    if state is None and cfg.log.eval_start:
+        run.evaluate("untrained", 0)
+
+    # ---- Stage 1: EI distillation (SFT on teacher dialogues)
+    sft_start = 0 if state is None else (state["step"] if state["stage"] == "sft" else cfg.sft.steps)
+    if sft_start < cfg.sft.steps:
+        stage = Stage("sft", cfg.sft.steps, cfg.sft.lr, cfg.sft.warmup_steps, offset=0, end_eval="sft")
+        out = run_stage(run, stage, lambda step, update: sft_step(run, step, update), sft_log_line, sft_start, state)
         if "stopped_at" in out:
             return _stopped(run, out)
-        return summarize(run, out, time.perf_counter() - t_start)
+        run.extra["ref_path"] = str(out["ckpt"])
+    elif state is None or state["stage"] == "sft":  # no SFT stage, or resumed from the end of it
+        if "sft" not in run.extra["evals"] and (cfg.sft.steps or cfg.log.eval_start or cfg.grpo.steps == 0):
+            # no SFT step: the starting weights; or stopped right after the last SFT step, before its eval
+            run.evaluate("sft", cfg.sft.steps, same_as="" if cfg.sft.steps else "untrained")
+        run.extra.setdefault("ref_path", str(resume_dir) if resume_dir else model_path)
+
+    # ---- Stage 2: ExGRPO
+    grpo_start = state["step"] if state is not None and state["stage"] == "grpo" else 0
+    if run.student.lora and grpo_start == 0 and run.student.base_path != run.extra["ref_path"]:
+        # LoRA: GRPO trains fresh adapters on the SFT result (its export, adapters merged), which is also the KL
+        # reference: the base with the adapters disabled
+        run.student = load_student(run.extra["ref_path"], cfg.model, run.device, run.world)
+        run.extra["lora_base"] = run.extra["ref_path"]
+    frozen = load_frozen(run)
+    stage = Stage("grpo", cfg.grpo.steps, cfg.grpo.lr, cfg.grpo.warmup_steps, offset=cfg.sft.steps,
+                  end_eval="final", start_eval="sft", eval_every=cfg.log.eval_every)  # fmt: skip
+    out = run_stage(
+        run, stage, lambda step, update: grpo_step(run, frozen, step, update), grpo_log_line, grpo_start, state
+    )
+    if "stopped_at" in out:
+        return _stopped(run, out)
+    return summarize(run, out, run.wall())
 
 
 def setup_run(
     cfg: TrainConfig, rank: int, world: int, device: torch.device, resume: str | None, run_dir: str | None,
-    stop_after: int | None,
+    stop_after: int | None, *, opened: rundir.OpenedRun | None = None,
 ) -> tuple[Run, dict | None, Path | None, str]:  # fmt: skip
-    """(Run, trainer state or None, resumed checkpoint dir or None, path the student was first loaded from)."""
+    """(Run, trainer state or None, resumed checkpoint dir or None, path the student was first loaded from). The run
+    dir is `opened` (rundir.open_run: checked, locked, config.json written), or opened here from resume / run_dir.
+    (rank, world, device): the process's place (`distributed`)."""
     _quiet_transformers()
     seed_everything(cfg.seed + rank)
     if cfg.model.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call: fixed reductions
     torch.use_deterministic_algorithms(cfg.model.deterministic, warn_only=True)
-    state, resume_dir = None, None
-    if resume:
-        resume_dir = ckpt_lib.resolve_checkpoint(resume)
-        if resume_dir.parent.name == "checkpoints":  # a crash mid-save: displaced checkpoint back, temp dirs gone
-            if rank == 0:
-                ckpt_lib.repair_checkpoints(resume_dir.parent)
-            if world > 1:
-                dist.barrier()
-            resume_dir = ckpt_lib.resolve_checkpoint(resume)
-        state = ckpt_lib.load_trainer_state(resume_dir)
-        run_dir = run_dir or str(resume_dir.parent.parent)
-    run_dir = Path(run_dir or Path(cfg.log.out_dir) / (cfg.log.run_name or time.strftime("%Y%m%d-%H%M%S")))
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+    opened = opened or rundir.open_run(cfg, resume, run_dir, rank, world)
+    state, resume_dir, run_dir = opened.state, opened.resume_dir, opened.run_dir
     if world > 1:
         dist.barrier()
     log = Logger(run_dir, cfg, rank, resume_at=state["extra"].get("log_position") if state else None)
@@ -796,19 +848,27 @@ def load_frozen(run: Run) -> Frozen:
     return frozen
 
 
-def summarize(run: Run, grpo: dict, wall: float) -> dict:
-    """summary.json and the final console line: evals before / after SFT / at the end, the GRPO reward trend."""
-    evals, final = run.extra["evals"], run.extra["evals"]["final"]
-    reward_trace = [m["reward"] for m in grpo["history"]]
+def summary_of(run_dir: Path, extra: dict, final_ckpt: Path, wall: float) -> dict:
+    """summary.json's content: evals before / after SFT / at the end, the GRPO reward trend, the wall time."""
+    evals = extra["evals"]
+    reward_trace = [m["reward"] for m in extra.get("history", {}).get("grpo", [])]
     k = max(1, len(reward_trace) // 4)  # reward trend: mean of the first vs the last quarter of the GRPO steps run
     trend = (float(np.mean(reward_trace[:k])), float(np.mean(reward_trace[-k:]))) if reward_trace else (0.0, 0.0)
     keep = ("acc", "probe_acc", "reward")
-    summary = {
-        "run_dir": str(run.run_dir), "final_ckpt": str(grpo["ckpt"]), "wall_s": wall,
+    return {
+        "run_dir": str(run_dir), "final_ckpt": str(final_ckpt), "wall_s": wall,
         "reward_first_quarter": trend[0], "reward_last_quarter": trend[1],
         **{f"{tag}_{k}": v for tag in ("untrained", "sft", "final") for k, v in evals.get(tag, {}).items()
            if k.startswith(keep)},
     }  # fmt: skip
+
+
+def summarize(run: Run, grpo: dict, wall: float) -> dict:
+    """summary.json and the final console line: evals before / after SFT / at the end, the GRPO reward trend."""
+    evals, final = run.extra["evals"], run.extra["evals"]["final"]
+    summary = summary_of(run.run_dir, run.extra, grpo["ckpt"], wall)
+    trend = summary["reward_first_quarter"], summary["reward_last_quarter"]
+    keep = ("acc", "probe_acc", "reward")
     if run.rank == 0:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     nan = float("nan")
@@ -831,8 +891,31 @@ def summarize(run: Run, grpo: dict, wall: float) -> dict:
 
 
 def _stopped(run: Run, out: dict) -> dict:
+    if "signal" in out:
+        run.log.print(
+            f"stopped by {signal.Signals(out['signal']).name} at global step {out['stopped_at']} | checkpoint "
+            f"{out['ckpt']} | resume: {rundir.resume_command(run.run_dir, run.world)}"
+        )
     run.log.close()
     return {"run_dir": str(run.run_dir), **out}
+
+
+def _finished(opened: rundir.OpenedRun, rank: int, world: int) -> dict:
+    """A resume of a run that has ended: say so, change nothing (summary.json is written only if the run ended
+    before it was: a kill after the final checkpoint)."""
+    state, path = opened.state, opened.run_dir / "summary.json"
+    if rank == 0:
+        print(f"run {opened.run_dir} has finished (grpo {state['step']} steps, final checkpoint {opened.resume_dir}); "
+              "nothing to resume", flush=True)  # fmt: skip
+    if path.is_file():
+        summary = json.loads(path.read_text())
+    else:
+        summary = summary_of(opened.run_dir, state["extra"], opened.resume_dir, state["extra"].get("wall_s", 0.0))
+        if rank == 0:
+            path.write_text(json.dumps(summary, indent=2) + "\n")
+    if world > 1:
+        dist.destroy_process_group()
+    return summary
 
 
 def _progress(cfg: TrainConfig, rank: int, total: int, initial: int, desc: str):
@@ -893,7 +976,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     def run(args: list[str]) -> dict:
         cfg, launch = parse_args(args)
-        return train(cfg, resume=launch.resume or None)
+        out = train(cfg, resume=launch.resume or None, signals=True)
+        if "signal" in out:  # stopped by SIGTERM / SIGINT after a checkpoint: 143 / 130, as the signal would
+            raise SystemExit(128 + out["signal"])
+        return out
 
     return cli_main(run, argv)
 

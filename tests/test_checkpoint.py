@@ -173,3 +173,118 @@ def test_crash_at_every_step_of_a_save(tmp_path, student, point, overwrite):
     assert (root / "latest").read_text().strip() == "sft-000004"
     if overwrite or not committed:  # sft-000002 survives with one of its complete versions
         assert C.load_trainer_state(root / "sft-000002")["extra"]["tag"] in ("two", "new")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading never runs code; a live process's save is never tidied away; a full disk is named
+
+
+class _Payload:
+    """A pickle that runs a shell command when loaded with pickle's full powers (what torch.load(weights_only=False)
+    did to trainer_state.pt)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_trainer_state_is_refused_without_running_it(tmp_path, student, capsys):
+    path = save(tmp_path / "checkpoints", student, "sft", 1)
+    marker = tmp_path / "pwned"
+    torch.save({"stage": "sft", "step": 1, "extra": {"x": _Payload(marker)}}, path / C.STATE_FILE)
+    with pytest.raises(CheckpointError, match=r"trainer_state.pt: refused: it is not a plain trainer state .*system"):
+        C.load_trainer_state(path)
+    assert not marker.exists()
+    from exgrpo_fast import train as T
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:  # --resume: one line, exit 2, nothing run
+        T.main(["--resume", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and "refused: it is not a plain trainer state" in err[0]
+    assert not marker.exists()
+
+
+def test_trainer_states_of_older_checkpoints_still_load(tmp_path, student):
+    """Before numpy_rng_state, the NumPy RNG state was pickled as an ndarray: allowed by name, nothing else."""
+    import random
+
+    import numpy as np
+
+    path = save(tmp_path / "checkpoints", student, "sft", 1)
+    np.random.seed(5)
+    legacy = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    expected = np.random.rand(3)
+    torch.save({"stage": "sft", "step": 1, "optimizer": None, "scheduler": None, "rng": legacy, "extra": {}},
+               path / C.STATE_FILE)  # fmt: skip
+    state = C.load_trainer_state(path)
+    C.set_rng_state(state["rng"])
+    assert np.array_equal(np.random.rand(3), expected)
+    # the new form is plain tensors and numbers, and round-trips exactly too
+    np.random.seed(6)
+    plain_state = C.numpy_rng_state()
+    expected = np.random.rand(3)
+    C.set_numpy_rng_state(plain_state)
+    assert np.array_equal(np.random.rand(3), expected)
+
+
+def test_extra_that_would_not_load_safely_is_refused_at_save(tmp_path, student):
+    import numpy as np
+
+    assert C.plain({"a": [np.float64(1.5), (np.int64(2), "s")], "t": None}) == {"a": [1.5, (2, "s")], "t": None}
+    with pytest.raises(TypeError, match=r"extra\['path'\] is a PosixPath"):
+        C.save_checkpoint(tmp_path / "sft-000001", *student, stage="sft", step=1, extra={"path": tmp_path})
+    assert not (tmp_path / "sft-000001").exists()
+
+
+def test_tidy_up_leaves_a_live_process_save_alone(tmp_path, student):
+    import subprocess
+    import sys
+
+    root = tmp_path / "checkpoints"
+    save(root, student, "sft", 1)
+    save(root, student, "sft", 2)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tmp = root / f".sft-000003.tmp-{live.pid}"  # another process is writing sft-000003 ...
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_bytes(b"partial")
+        os.replace(root / "sft-000002", root / f".sft-000002.old-{live.pid}")  # ... and overwriting sft-000002
+        C.repair_checkpoints(root)
+        assert tmp.is_dir() and (root / f".sft-000002.old-{live.pid}").is_dir() and not (root / "sft-000002").exists()
+    finally:
+        live.kill()
+        live.wait()
+    C.repair_checkpoints(root)  # now it is crash debris: removed, the displaced checkpoint back in place
+    assert entries(root) == ["latest", "sft-000001", "sft-000002"]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ],  # fmt: skip
+    ids=["errno", "rust-writer"],
+)
+def test_full_disk_during_a_save_is_named_and_leaves_the_older_checkpoints(tmp_path, student, monkeypatch, failure):
+    from exgrpo_fast.errors import DiskFullError
+
+    root = tmp_path / "checkpoints"
+    save(root, student, "sft", 1, "one")
+
+    def full(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(C.torch, "save", full)
+    with pytest.raises(DiskFullError) as info:
+        save(root, student, "sft", 2, "two")
+    assert str(info.value) == (
+        f"no space left on device writing {root / f'.sft-000002.tmp-{os.getpid()}'}; the checkpoint was not written; "
+        "the older ones are intact"
+    )
+    assert isinstance(info.value, UserError)
+    assert entries(root) == ["latest", "sft-000001"]  # the half-written temp dir is gone (space freed)
+    assert C.load_trainer_state(C.resolve_checkpoint(tmp_path))["extra"]["tag"] == "one"

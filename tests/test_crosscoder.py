@@ -235,3 +235,14 @@ def test_config_errors_exit_2_with_one_line(tmp_path, capsys, toml, argv, messag
     assert e.value.code == 2
     err = " ".join(capsys.readouterr().err.split())  # tyro boxes and wraps its messages
     assert message in err, err
+
+
+def test_a_second_command_on_the_same_out_dir_is_refused(tmp_path, capsys):
+    from exgrpo_fast.rundir import RunLock
+
+    with RunLock(tmp_path):
+        with pytest.raises(SystemExit) as e:
+            cc.main(["report", "--log.out_dir", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: crosscoder dir {tmp_path} is in use by another process (pid")

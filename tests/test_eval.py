@@ -27,6 +27,39 @@ def test_eval_cli_on_tiny_checkpoint(tmp_path, capsys):
     assert "acc_id" in capsys.readouterr().out
 
 
+def test_eval_cli_checks_out_before_the_eval(tmp_path, capsys, monkeypatch):
+    """--out is checked before any problem is evaluated (a directory, a file in the way), one line and exit 2."""
+    from exgrpo_fast.model.tiny import create_tiny_checkpoint
+
+    ckpt = create_tiny_checkpoint(tmp_path / "tiny", preset="tiny", seed=0)
+    monkeypatch.setattr(E, "evaluate", lambda *a, **k: pytest.fail("evaluated before --out was checked"))
+    (tmp_path / "blocker").write_text("a file")
+    cases = {
+        str(tmp_path): f"error: --out {tmp_path}: is a directory; give a file path such as {tmp_path / 'eval.json'}",
+        str(tmp_path / "blocker" / "e.json"): f"error: --out {tmp_path / 'blocker' / 'e.json'}: cannot write it: "
+        f"{tmp_path / 'blocker'} is not a directory",
+    }
+    capsys.readouterr()
+    for out, message in cases.items():
+        with pytest.raises(SystemExit) as info:
+            E.main([str(ckpt), "--n", "2", "--out", out])
+        assert info.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [message]
+
+
+def test_eval_cli_on_a_run_that_evaluated_nothing(tmp_path, capsys):
+    """A run with log.eval_n 0 (no evals): the eval CLI takes its whole held-out split instead of asking for --n."""
+    from exgrpo_fast import config as C
+    from exgrpo_fast import train as T
+
+    cfg = C.preset_test()
+    cfg.sft.steps, cfg.grpo.steps, cfg.log.eval_n = 1, 0, 0
+    T.train(cfg.validate(), run_dir=str(tmp_path / "run"))
+    capsys.readouterr()
+    E.main([str(tmp_path / "run"), "--out", str(tmp_path / "e" / "eval.json")])  # its folder is created
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["n"] == cfg.data.n_test
+    assert f"n {cfg.data.n_test} |" in capsys.readouterr().out
+
+
 def test_evaluate_perfect_oracle(tmp_path):
     """evaluate scores the student's greedy dialogue: a model that is never right scores 0 everywhere."""
     from exgrpo_fast.data.tasks import builtin_splits

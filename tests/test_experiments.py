@@ -86,6 +86,26 @@ def test_run_paper_writes_table_and_resumes(tmp_path):
     assert len(calls) == n_cells
 
 
+def test_an_unfinished_cell_starts_again_in_a_clean_dir(tmp_path):
+    """A cell killed mid-run (files, no summary.json) reruns from scratch: the trainer refuses a run dir holding a
+    run, so its files go first (its console.log stays)."""
+    calls, build_cfg, train_fn = _fake(tmp_path)
+    seen = {}
+
+    def checking_train_fn(cfg, run_dir):
+        seen[run_dir] = sorted(p.name for p in Path(run_dir).iterdir()) if Path(run_dir).exists() else []
+        train_fn(cfg, run_dir)
+
+    cfg = ExperimentConfig(seeds=(0,), fractions=(1.0,), dsu_modes=("correct",), out_dir=str(tmp_path), workers=1)
+    cell = tmp_path / "cells" / "vanilla-ft-s0"
+    (cell / "checkpoints" / "sft-000003").mkdir(parents=True)
+    (cell / "metrics.jsonl").write_text("{}\n")
+    (cell / "console.log").write_text("killed\n")
+    run_paper(cfg, checking_train_fn, build_cfg)
+    assert seen[str(cell)] == ["console.log"]
+    assert (cell / "console.log").read_text() == "killed\n" and (cell / "summary.json").is_file()
+
+
 def test_every_cell_is_a_valid_trainer_config():
     """The grid's overrides name real config fields with valid values (the fakes above would not notice)."""
     from exgrpo_fast.config import config_from_overrides

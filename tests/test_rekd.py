@@ -427,3 +427,30 @@ def test_evaluate_batches_of_different_text_widths():
     assert len(set(prep.test["n_words"][i : i + 4].max().item() for i in range(0, 16, 4))) > 1
     ev = T.evaluate(model, prep.test, preset("text"), bs=4)
     assert torch.cat(ev["masks"]).shape == (16, int(prep.test["n_words"].max()))
+
+
+def test_one_writer_and_no_code_from_checkpoints(tmp_path: Path):
+    """A second REKD run on a run dir someone writes is refused; a checkpoint whose pickle would run code is refused
+    on resume, and the code does not run."""
+    import os
+
+    from exgrpo_fast.errors import CheckpointError, RunDirError
+    from exgrpo_fast.rundir import RunLock
+
+    cfg = _tiny_run_cfg(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(RunDirError, match="REKD run dir .* is in use by another process"):
+            T.run(cfg)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    ckpt = tmp_path / "run" / "checkpoints" / "teacher" / "step-000002"
+    ckpt.mkdir(parents=True)
+    torch.save({"stage": "teacher", "step": 2, "model": Payload()}, ckpt / "state.pt")
+    (ckpt.parent / "latest").write_text("step-000002")
+    with pytest.raises(CheckpointError, match="state.pt: refused"):
+        T.load_latest(tmp_path / "run", "teacher")
+    assert not (tmp_path / "pwned").exists()

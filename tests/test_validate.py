@@ -1,5 +1,7 @@
 """Up-front validation: config values, data files, model dirs and the token budget, each a UserError naming it."""
 
+import re
+
 import pytest
 
 from exgrpo_fast import config as C
@@ -68,3 +70,41 @@ def test_files_and_dirs_named(tmp_path):
     cfg.loss.teacher_beta = 0.1
     with pytest.raises(ConfigError, match="needs model.teacher_path"):
         validate_run(cfg)
+
+
+def test_model_config_checked_against_the_weights_before_allocating(tmp_path, capsys, monkeypatch):
+    """A config.json that does not match its safetensors (here: it implies a 4096-wide model, 4 GB of embeddings at
+    V = 262k) or with vocab_size 0 is a one-line user error found before any run dir or model exists."""
+    import json
+    import shutil
+
+    import torch
+
+    from exgrpo_fast import train as T
+    from exgrpo_fast.model import loading
+    from exgrpo_fast.model.tiny import create_tiny_checkpoint
+
+    good = create_tiny_checkpoint(tmp_path / "good", preset="tiny", seed=0)
+    capsys.readouterr()  # transformers' progress bars
+    config = json.loads((good / "config.json").read_text())
+    cases = {
+        "wide": ({"hidden_size": 4096, "vocab_size": 262144}, "does not match the weights: model.embed_tokens.weight "
+                 "is [262144, 4096] by the config but [104, 128] in model.safetensors"),
+        "zero": ({"vocab_size": 0}, "vocab_size=0: expected a positive integer"),
+        "float": ({"num_hidden_layers": 2.5}, "num_hidden_layers=2.5: expected a positive integer"),
+    }  # fmt: skip
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", None)  # never reached: nothing allocated
+    for name, (change, message) in cases.items():
+        bad = tmp_path / name
+        shutil.copytree(good, bad)
+        (bad / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ModelError, match=re.escape(f"{bad / 'config.json'}")):
+            loading.check_model_dir(bad)
+        out = tmp_path / f"runs-{name}"
+        with pytest.raises(SystemExit) as info:
+            T.main(["--preset", "test", "--model.path", str(bad), "--log.out_dir", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(err) == 1 and message in err[0], err
+        assert not out.exists()
+    loading.check_model_dir(good)
+    assert torch.is_tensor(torch.zeros(1))

@@ -21,6 +21,8 @@ lowest first: defaults < TOML file (`--config F`, sections named like the CLI se
 [collect], [train], [report], [steer]; one file may serve every subcommand, each reads the sections it has) < flags
 (`--section.field value`, e.g. `--train.k 32`). Everything lives under `--log.out_dir`: acts/, crosscoder/,
 report/, steer/. User errors exit with code 2 and one line naming the field or file (`--log.debug` for tracebacks).
+Each subcommand holds the lock of `--log.out_dir` while it runs (exgrpo_fast.rundir.RunLock): a second command on
+the same directory is refused instead of mixing its files with the first's.
 """
 
 from __future__ import annotations
@@ -367,30 +369,38 @@ def parse(argv: list[str] | None = None) -> Collect | Train | Report | Steer:
 def main(argv: list[str] | None = None) -> dict:
     """Run one subcommand; returns its summary dict. User errors exit with code 2 and one line (or a traceback with
     --log.debug)."""
+    from exgrpo_fast.errors import UserError
+    from exgrpo_fast.rundir import locked_dir
+
     debug = "--log.debug" in (sys.argv[1:] if argv is None else argv)
     try:
         cfg = parse(argv)
         debug = cfg.log.debug
-        if isinstance(cfg, Collect):
-            from exgrpo_fast.analysis.activations import collect
-
-            return collect(cfg)
-        if isinstance(cfg, Train):
-            from exgrpo_fast.analysis.xcoder import train
-
-            return train(cfg)
-        if isinstance(cfg, Report):
-            from exgrpo_fast.analysis.report import report
-
-            return report(cfg)
-        from exgrpo_fast.analysis.steer import steer
-
-        return steer(cfg)
-    except (ValueError, FileNotFoundError) as e:
+        with locked_dir(cfg.log.out_dir, "crosscoder dir"):  # one writer per out_dir
+            return _run(cfg)
+    except (ValueError, FileNotFoundError, UserError) as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _run(cfg: Collect | Train | Report | Steer) -> dict:
+    if isinstance(cfg, Collect):
+        from exgrpo_fast.analysis.activations import collect
+
+        return collect(cfg)
+    if isinstance(cfg, Train):
+        from exgrpo_fast.analysis.xcoder import train
+
+        return train(cfg)
+    if isinstance(cfg, Report):
+        from exgrpo_fast.analysis.report import report
+
+        return report(cfg)
+    from exgrpo_fast.analysis.steer import steer
+
+    return steer(cfg)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Load any Hugging Face causal LM from a local directory (config + safetensors + tokenizer), never the network.
 
 check_model_dir validates a directory without loading it (train validates every model dir up front with it);
-load_model runs it first, so a missing file, truncated weights or a dir without tokenizer files are reported by
-path instead of surfacing as an error deep inside transformers."""
+load_model runs it first, so a missing file, truncated weights, a config.json that does not match the weights (the
+shapes it implies, taken from the model built on the meta device, against the safetensors headers: nothing is
+allocated) or a dir without tokenizer files are reported by path instead of surfacing as an error deep inside
+transformers, or as an allocation of terabytes."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from exgrpo_fast.errors import MissingPathError, ModelError
 from exgrpo_fast.model.attention import IMPLEMENTATION, bind_backend, select_backend
@@ -19,10 +21,14 @@ from exgrpo_fast.model.attention import IMPLEMENTATION, bind_backend, select_bac
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 """Any one of these (or a *.tiktoken file) makes a directory hold a tokenizer."""
 _MAX_HEADER = 100 * 2**20  # a safetensors header is JSON, a few MB at most
+_POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "intermediate_size", "head_dim")  # fmt: skip
+_MATCHED: set[tuple] = set()  # (dir, config.json and weight file stamps) whose shapes were checked
 
 
-def _check_safetensors(file: Path) -> None:
-    """Header readable and file as long as the header says (a truncated download or copy fails here, by path)."""
+def _check_safetensors(file: Path) -> dict[str, tuple[int, ...]]:
+    """Header readable and file as long as the header says (a truncated download or copy fails here, by path).
+    Returns {tensor name: shape}."""
     size = file.stat().st_size
     with file.open("rb") as f:
         head = f.read(8)
@@ -34,11 +40,47 @@ def _check_safetensors(file: Path) -> None:
         try:
             header = json.loads(f.read(n))
             ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+            shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
             raise ModelError(f"{file}: corrupt safetensors header ({type(e).__name__}: {e})") from None
     expected = 8 + n + max(ends, default=0)
     if size < expected:
         raise ModelError(f"{file}: truncated safetensors file ({size} bytes, its header promises {expected})")
+    return shapes
+
+
+def _check_config_values(config: Path, cfg: dict) -> None:
+    """The sizes a config.json gives (top level, and text_config of multimodal ones) are positive integers."""
+    for section in (cfg, cfg.get("text_config")):
+        if not isinstance(section, dict):
+            continue
+        for key in _POSITIVE:
+            value = section.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ModelError(f"{config}: {key}={value!r}: expected a positive integer")
+
+
+def _check_shapes(path: Path, weights: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    """Every tensor the config.json implies that the weights hold has the weights' shape. The model is built on the
+    meta device (no memory; ~1 s for a 7B config); names the weights lack (tied heads, renamed checkpoints) are
+    left to the loader."""
+    config_file = path / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise ModelError(f"{config_file}: transformers cannot read it ({type(e).__name__}: {e})") from None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - not a causal LM transformers can build: the loader reports it
+        return
+    for name, tensor in model.state_dict().items():
+        if name in weights and tuple(tensor.shape) != weights[name][0]:
+            shape, file = weights[name]
+            raise ModelError(
+                f"{config_file} does not match the weights: {name} is {list(tensor.shape)} by the config but "
+                f"{list(shape)} in {file} (a config.json of another model?)"
+            )
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -71,8 +113,14 @@ def check_model_dir(path: str | Path) -> Path:
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise MissingPathError(f"model path {path}: shard {missing[0]} listed in {index.name} is missing")
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
     for file in weights:
-        _check_safetensors(file)
+        shapes.update({k: (v, file.name) for k, v in _check_safetensors(file).items()})
+    _check_config_values(config, cfg)
+    stamp = (str(path.resolve()), *((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in [config, *weights]))
+    if stamp not in _MATCHED:
+        _check_shapes(path, shapes)
+        _MATCHED.add(stamp)
     if not any((path / f).is_file() for f in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
         raise ModelError(
             f"model path {path} has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); copy them "

@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from exgrpo_fast.checkpoint import numpy_rng_state, safe_load, set_numpy_rng_state
+from exgrpo_fast.errors import UserError
 from exgrpo_fast.rekd import data as D
+from exgrpo_fast.rundir import locked_dir
 from exgrpo_fast.rekd import model as M
 from exgrpo_fast.rekd.config import ConfigError, REKDConfig, StageConfig, parse_args, to_dict
 
@@ -240,7 +243,7 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, done: bool, model, opt
         "generator": gen.get_state(),
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
-        "numpy_rng": np.random.get_state(),
+        "numpy_rng": numpy_rng_state(),  # tensors and plain values: loads with weights_only=True
     }
     _atomic_write_dir(final, lambda tmp: torch.save(state, tmp / "state.pt"))
     _atomic_text(root / "latest", final.name)
@@ -251,10 +254,12 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, done: bool, model, opt
 
 
 def load_latest(run_dir: Path, stage: str) -> dict | None:
+    """The newest checkpoint of a stage, loaded without running code from it (a crafted pickle is refused with a
+    CheckpointError naming the file)."""
     latest = run_dir / "checkpoints" / stage / "latest"
     if not latest.is_file():
         return None
-    return torch.load(latest.parent / latest.read_text().strip() / "state.pt", weights_only=False)
+    return safe_load(latest.parent / latest.read_text().strip() / "state.pt")
 
 
 def save_models(run_dir: Path, stage: str, model: M.REModel, tokenizer=None) -> None:
@@ -350,7 +355,7 @@ def train_stage(
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
-        np.random.set_state(state["numpy_rng"])
+        set_numpy_rng_state(state["numpy_rng"])
         start = state["step"]
         metrics.truncate(stage, start)
         if state["done"]:
@@ -439,7 +444,11 @@ def run(cfg: REKDConfig, prep: Prepared | None = None) -> dict:
     run_dir = Path(cfg.log.out_dir)
     if (run_dir / "metrics.jsonl").exists() and not cfg.log.resume:
         raise ConfigError(f"log.out_dir={str(run_dir)!r} already holds a run: pass --log.resume True or a new dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with locked_dir(run_dir, "REKD run dir"):  # one writer: a second run on the same dir is refused
+        return _run(cfg, prep, run_dir)
+
+
+def _run(cfg: REKDConfig, prep: Prepared, run_dir: Path) -> dict:
     _atomic_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
     metrics = Metrics(run_dir / "metrics.jsonl")
     results, models = [], {}
@@ -488,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         debug = cfg.debug
         prep = prepare_data(cfg)
         return run(cfg, prep)
-    except (ConfigError, D.DataError) as e:
+    except (ConfigError, D.DataError, UserError) as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
