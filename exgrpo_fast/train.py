@@ -424,6 +424,9 @@ def _stop_agreed(run: Run) -> bool:
 # each rank's share of the global value (their normalisers are the step's global counts), token counts add up. Max:
 # a maximum and the wall times (the slowest rank sets the step's pace). Mean: per-rank rates. Everything else is the
 # same on every rank by construction (grad norm, lr, skip flag; reward metrics are computed from all ranks' samples).
+TIMING_METRICS = ("time", "step_s", "tok_per_s", "t_rollout", "t_logp", "t_update", "t_train", "eval_s", "mfu",
+                  "wall_s")  # fmt: skip
+"""Metrics that measure time: the only ones a resumed run may write differently from a straight one."""
 SUM_METRICS = ("loss", "tokens", "update_tokens", "clip_frac_low", "clip_frac_high", "ratio_mean", "kl_ref",
                "kl_teacher", "entropy", "flops")  # fmt: skip
 MAX_METRICS = ("ratio_max", "step_s", "t_rollout", "t_logp", "t_update", "t_train", "stop_requested")

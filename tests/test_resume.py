@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from exgrpo_fast import checkpoint as ckpt_lib
+from exgrpo_fast.train import TIMING_METRICS
 
-TIMING = {"time", "step_s", "tok_per_s", "t_rollout", "t_logp", "t_update", "t_train", "eval_s", "mfu", "wall_s"}
+TIMING = set(TIMING_METRICS)
 ARGS = ["--preset", "test", "--log.keep_last", "2"]  # test preset: 3 SFT + 3 GRPO steps -> a checkpoint every step
 
 

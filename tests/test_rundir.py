@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from exgrpo_fast import checkpoint as ckpt_lib
+from exgrpo_fast.train import TIMING_METRICS
 from exgrpo_fast import config as C
 from exgrpo_fast import rundir
 from exgrpo_fast import train as T
@@ -31,7 +32,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-TIMING = {"time", "step_s", "tok_per_s", "t_rollout", "t_logp", "t_update", "eval_s", "mfu", "wall_s"}
+TIMING = set(TIMING_METRICS)
 
 
 def main(capsys, *args) -> tuple[int, str, str]:
