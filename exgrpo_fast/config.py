@@ -91,6 +91,11 @@ class DataConfig:
     ood_splits: tuple[str, ...] = ("test_ood",)
     """Built-in OOD splits evaluated: test_ood (longer chains and larger numbers), test_ood_long (longer chains),
     test_ood_large (larger numbers); see exgrpo_fast.data.tasks.SPLITS."""
+    probe_order: Literal["hygienic", "raw"] = "hygienic"
+    """Order a dialogue asks a problem's probes in. "hygienic": no turn gives away what a later turn asks for (an
+    inverse probe, which states the final answer, after the counterfactual / step / verify probes; explain last;
+    otherwise as given; see exgrpo_fast.data.problem.dialogue_probes). "raw": as the file or the teacher gave them
+    (logged as a warning)."""
 
 
 @dataclass
