@@ -22,6 +22,7 @@ import json
 import math
 import re
 import sys
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -182,8 +183,10 @@ class LogConfig:
     """Checkpoints kept per stage, the newest (0 = all); the end of SFT (GRPO's reference) always stays."""
     tensorboard: bool = True
     """Write TensorBoard event files."""
-    progress: bool = True
-    """Show tqdm progress bars."""
+    progress: bool | Literal["auto"] = "auto"
+    """tqdm progress bars: "auto" (default) draws them only when stderr is a terminal (under nohup, CI or a
+    redirect the log keeps its one line per step, plus a line every 30 s of a long eval); true always; false
+    never."""
 
 
 @dataclass
@@ -367,6 +370,11 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if value is None:
             return None
         return _coerce(name, next(a for a in args if a is not type(None)), value)
+    if origin in (typing.Union, types.UnionType):  # X | Y: the first that takes the value
+        for a in args:
+            with contextlib.suppress(ConfigError):
+                return _coerce(name, a, value)
+        raise ConfigError(f"{name}={value!r}: expected {' or '.join(getattr(a, '__name__', str(a)) for a in args)}")
     if origin is tuple and isinstance(value, (list, tuple)):  # tuple[X, ...] from a TOML / JSON array
         return tuple(_coerce(f"{name}[{i}]", args[0], v) for i, v in enumerate(value))
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):

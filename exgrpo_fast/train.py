@@ -57,7 +57,7 @@ from exgrpo_fast.data.lengths import resolve_max_new_tokens
 from exgrpo_fast.data.packing import PackedBatch, pack_sequences
 from exgrpo_fast.data.problem import Dialogue, Problem, sft_dialogue
 from exgrpo_fast.data.splits import load_data
-from exgrpo_fast.eval import evaluate, format_eval
+from exgrpo_fast.eval import bars_on, evaluate, format_eval
 from exgrpo_fast.model.forward import packed_hidden
 from exgrpo_fast.model.loading import lm_head, load_model
 from exgrpo_fast.model.tiny import create_tiny_checkpoint
@@ -278,7 +278,7 @@ class Run:
             m = evaluate(
                 self.model, self.tokenizer, self.test_splits, reward_cfg=self.cfg.reward,
                 max_new_tokens=self.cfg.rollout.max_new_tokens, batch_size=self.cfg.rollout.batch_size,
-                include_probes=True, progress=self.cfg.log.progress and self.rank == 0,
+                include_probes=True, progress=self.cfg.log.progress if self.rank == 0 else False,
             )  # fmt: skip
         m["eval_s"] = time.perf_counter() - t0
         self.extra["evals"][tag] = m
@@ -729,7 +729,9 @@ def _stopped(run: Run, out: dict) -> dict:
 
 
 def _progress(cfg: TrainConfig, rank: int, total: int, initial: int, desc: str):
-    if cfg.log.progress and rank == 0:
+    """A stage's tqdm bar on rank 0 when log.progress asks for bars (eval.bars_on: "auto" = stderr is a terminal);
+    else a disabled one (the step lines alone)."""
+    if rank == 0 and bars_on(cfg.log.progress):
         return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
     return tqdm(total=total, initial=initial, disable=True)
 
