@@ -36,7 +36,7 @@ if "--smoke" in sys.argv and not torch.cuda.is_available():
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benches._common import env_facts, peak_extra_bytes, time_ms, write_csv  # noqa: E402
+from benches._common import env_facts, peak_extra_bytes, rel, time_ms, write_csv  # noqa: E402
 from exgrpo_fast import ops  # noqa: E402
 from exgrpo_fast import reference as R  # noqa: E402
 
@@ -236,7 +236,7 @@ def main() -> None:
                 rows += [dict(r, curve=True) for r in bench_one(T, 896, 151936, 64, torch.bfloat16, device, False,
                                                                 sweep, facts)]  # fmt: skip
     if rows and not args.no_csv:
-        print("wrote", write_csv("linear_loss", rows))
+        print("wrote", rel(write_csv("linear_loss", rows)))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,27 @@ def plan(smoke: bool, python: str = sys.executable) -> list[Step]:
     ]
 
 
+def rel(path: str | Path) -> str:
+    """path relative to the repository root when inside it, else as given: a report names no directory of the
+    machine it ran on."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def shown(argv: list[str]) -> str:
+    """A step's command as the report prints it: the interpreter by its name ("python3.11", not its absolute path),
+    paths inside the repository relative to it."""
+    head = Path(argv[0]).name if Path(argv[0]).is_absolute() else argv[0]
+    return " ".join([head] + [rel(a) if Path(a).is_absolute() else a for a in argv[1:]])
+
+
+def scrub(text: str) -> str:
+    """Output with the repository's absolute path cut out (pytest and tracebacks print it)."""
+    return text.replace(f"{ROOT}/", "").replace(str(ROOT), ".")
+
+
 def _version(dist: str) -> str:
     try:
         return md.version(dist)
@@ -163,8 +184,8 @@ def run_step(step: Step, timeout: float, env: dict[str, str], tail_chars: int = 
         step.status = f"timed out after {timeout:.0f} s"
         summary_src = out
     step.seconds = time.perf_counter() - t0
-    step.output = out[-tail_chars:]
-    step.summary = summarize(summary_src)
+    step.output = scrub(out)[-tail_chars:]
+    step.summary = summarize(scrub(summary_src))
 
 
 def render(facts: dict[str, str], steps: list[Step], title: str = "GPU run") -> str:
@@ -179,7 +200,7 @@ def render(facts: dict[str, str], steps: list[Step], title: str = "GPU run") -> 
     out += ["", "| step | status | seconds | result |", "|---|---|---|---|"]
     out += [f"| {cell(s.name)} | {cell(s.status)} | {s.seconds:.1f} | {cell(s.summary)} |" for s in steps]
     for s in steps:
-        out += ["", f"## {s.name}", "", "`" + " ".join(s.argv) + "`", ""]
+        out += ["", f"## {s.name}", "", "`" + shown(s.argv) + "`", ""]
         if s.output:
             out += ["```", s.output.rstrip("\n").replace("```", "'''"), "```"]
     return "\n".join(out) + "\n"
@@ -233,14 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         if left < 20:
             s.status = f"skipped: time budget ({a.budget:.0f} s) spent"
             continue
-        print(f"[run_gpu] {s.name}: {' '.join(s.argv)} (timeout {min(s.timeout, left):.0f} s)", flush=True)
+        print(f"[run_gpu] {s.name}: {shown(s.argv)} (timeout {min(s.timeout, left):.0f} s)", flush=True)
         run_step(s, min(s.timeout, left), env)
         print(f"[run_gpu] {s.name}: {s.status} in {s.seconds:.1f} s | {s.summary}", flush=True)
     title = "GPU run" + (" (dry run)" if a.dry_run else " (smoke)" if a.smoke else "")
     text = render(facts, steps, title)
     path = write_report(text, a.results_dir)
     print(text.split("\n## ", 1)[0])
-    print(f"wrote {path}")
+    print(f"wrote {rel(path)}")
     if a.copy_to is not None:
         a.copy_to.mkdir(parents=True, exist_ok=True)
         fresh = [f for f in a.results_dir.glob("*.csv") if f.stat().st_mtime >= start]
