@@ -14,7 +14,18 @@ from typing import Callable
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benches" / "results"
+
+
+def rel(path: str | Path) -> str:
+    """path as printed: relative to the repository root when inside it (result files never name the machine's
+    directories), else as given."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def device_name(device: torch.device) -> str:

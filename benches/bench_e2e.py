@@ -36,7 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benches._common import env_facts, model_setup, sync, write_csv  # noqa: E402
+from benches._common import env_facts, model_setup, rel, sync, write_csv  # noqa: E402
 from exgrpo_fast import ops  # noqa: E402
 from exgrpo_fast.data.dialogue import end_of_turn_ids  # noqa: E402
 from exgrpo_fast.data.packing import pack_sequences  # noqa: E402
@@ -257,7 +257,7 @@ def main() -> None:
         roll = a["rollout_tok_s"] / b["rollout_tok_s"]
         trained = a["trained_tok_s"] / b["trained_tok_s"]
         print(f"ours / trl: step throughput x{speed:.2f}, rollout tok/s x{roll:.2f}, trained tok/s x{trained:.2f}")
-    print(f"wrote {write_csv('bench_e2e', rows)}")
+    print(f"wrote {rel(write_csv('bench_e2e', rows))}")
 
 
 if __name__ == "__main__":

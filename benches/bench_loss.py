@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benches._common import copy_bandwidth_gbs, env_facts, peak_extra_bytes, time_ms, write_csv  # noqa: E402
+from benches._common import copy_bandwidth_gbs, env_facts, peak_extra_bytes, rel, time_ms, write_csv  # noqa: E402
 from exgrpo_fast import ops  # noqa: E402
 from exgrpo_fast import reference as R  # noqa: E402
 
@@ -277,7 +277,7 @@ def main() -> None:
         fractions = [float(f) for f in (args.masked or "0,0.35,0.7").split(",")]
         rows = main_bytes(T, V, 4, fractions)
         if rows and not args.no_csv:
-            print("wrote", write_csv("loss-bytes", [dict(r, **env_facts(device)) for r in rows]))
+            print("wrote", rel(write_csv("loss-bytes", [dict(r, **env_facts(device)) for r in rows])))
         return
     small = args.smoke or device.type != "cuda"
     T = args.T or (64 if small else 16384)
@@ -358,7 +358,7 @@ def main() -> None:
             copy_bw_gbs=copy_bw,
         )
     if rows and not args.no_csv:
-        print("wrote", write_csv("loss", rows))
+        print("wrote", rel(write_csv("loss", rows)))
 
 
 if __name__ == "__main__":

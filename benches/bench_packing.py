@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benches._common import env_facts, model_setup, peak_extra_bytes, time_ms, write_csv  # noqa: E402
+from benches._common import env_facts, model_setup, peak_extra_bytes, rel, time_ms, write_csv  # noqa: E402
 from exgrpo_fast.data.packing import pack_sequences  # noqa: E402
 from exgrpo_fast.model import attention  # noqa: E402
 from exgrpo_fast.model.forward import packed_hidden_states  # noqa: E402
@@ -115,7 +115,7 @@ def main() -> None:
             real_tokens=real_tokens,
             padded_slots=n * L,
         )
-    print("wrote", write_csv("packing", rows))
+    print("wrote", rel(write_csv("packing", rows)))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benches._common import env_facts, model_setup, sync, write_csv  # noqa: E402
+from benches._common import env_facts, model_setup, rel, sync, write_csv  # noqa: E402
 from exgrpo_fast.data.dialogue import encode_prompt, end_of_turn_ids  # noqa: E402
 from exgrpo_fast.data.tasks import builtin_dataset, rollout_user_turns  # noqa: E402
 from exgrpo_fast.model.loading import load_model  # noqa: E402
@@ -241,7 +241,7 @@ def main() -> None:
                          "batch": batch, "provider": "ours-decode-step", "seconds": step_ms / 1e3,
                          "roofline_seconds": bound_ms / 1e3})  # fmt: skip
     out = write_csv("bench_rollout", rows)
-    print(f"wrote {out}")
+    print(f"wrote {rel(out)}")
 
 
 if __name__ == "__main__":

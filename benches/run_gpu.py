@@ -99,6 +99,27 @@ def check_budget(steps: list[Step], budget: float) -> None:
                          f"{budget:.0f} s: shrink a step's planned time")  # fmt: skip
 
 
+def rel(path: str | Path) -> str:
+    """path relative to the repository root when inside it, else as given: a report names no directory of the
+    machine it ran on."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def shown(argv: list[str]) -> str:
+    """A step's command as the report prints it: the interpreter by its name ("python3.11", not its absolute path),
+    paths inside the repository relative to it."""
+    head = Path(argv[0]).name if Path(argv[0]).is_absolute() else argv[0]
+    return " ".join([head] + [rel(a) if Path(a).is_absolute() else a for a in argv[1:]])
+
+
+def scrub(text: str) -> str:
+    """Output with the repository's absolute path cut out (pytest and tracebacks print it)."""
+    return text.replace(f"{ROOT}/", "").replace(str(ROOT), ".")
+
+
 def _version(dist: str) -> str:
     try:
         return md.version(dist)
@@ -194,8 +215,8 @@ def run_step(step: Step, timeout: float, env: dict[str, str], tail_chars: int = 
         stdout, stderr = out_f.read(), err_f.read()
     step.seconds = time.perf_counter() - t0
     out = stdout + (("\n" + stderr) if stderr.strip() else "")
-    step.output = out[-tail_chars:]
-    step.summary = summarize(stdout if stdout.strip() else stderr)
+    step.output = scrub(out)[-tail_chars:]
+    step.summary = summarize(scrub(stdout if stdout.strip() else stderr))
 
 
 def render(facts: dict[str, str], steps: list[Step], title: str = "GPU run", budget: float | None = None) -> str:
@@ -215,7 +236,7 @@ def render(facts: dict[str, str], steps: list[Step], title: str = "GPU run", bud
     out += [f"| {cell(s.name)} | {cell(s.status)} | {s.planned:.0f} | {s.seconds:.1f} | {cell(s.summary)} |"
             for s in steps]  # fmt: skip
     for s in steps:
-        out += ["", f"## {s.name}", "", "`" + " ".join(s.argv) + "`", ""]
+        out += ["", f"## {s.name}", "", "`" + shown(s.argv) + "`", ""]
         if s.output:
             out += ["```", s.output.rstrip("\n").replace("```", "'''"), "```"]
     return "\n".join(out) + "\n"
@@ -298,13 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         if cap < 1:  # only when an earlier step overran its cap by more than its margin
             s.status = f"skipped: time budget ({a.budget:.0f} s) spent"
             continue
-        print(f"[run_gpu] {s.name}: {' '.join(s.argv)} (cap {cap:.0f} s)", flush=True)
+        print(f"[run_gpu] {s.name}: {shown(s.argv)} (cap {cap:.0f} s)", flush=True)
         run_step(s, cap, env)
         print(f"[run_gpu] {s.name}: {s.status} in {s.seconds:.1f} s | {s.summary}", flush=True)
         publish()
     publish()
     print(render(facts, steps, title, a.budget).split("\n## ", 1)[0])
-    print(f"wrote {path}")
+    print(f"wrote {rel(path)}")
     if a.copy_to is not None:
         print(f"copied {copy_results(path, a.results_dir, start, a.copy_to)} file(s) to {a.copy_to}")
     return 0 if all(s.status in ("passed", "dry run") for s in steps) else 1

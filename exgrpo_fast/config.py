@@ -22,6 +22,7 @@ import json
 import math
 import re
 import sys
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -117,6 +118,11 @@ class DataConfig:
     ood_splits: tuple[str, ...] = ("test_ood",)
     """Built-in OOD splits evaluated: test_ood (longer chains and larger numbers), test_ood_long (longer chains),
     test_ood_large (larger numbers); see exgrpo_fast.data.tasks.SPLITS."""
+    probe_order: Literal["hygienic", "raw"] = "hygienic"
+    """Order a dialogue asks a problem's probes in. "hygienic": no turn gives away what a later turn asks for (an
+    inverse probe, which states the final answer, after the counterfactual / step / verify probes; explain last;
+    otherwise as given; see exgrpo_fast.data.problem.dialogue_probes). "raw": as the file or the teacher gave them
+    (logged as a warning)."""
 
 
 @dataclass
@@ -204,8 +210,10 @@ class LogConfig:
     """Checkpoints kept per stage, the newest (0 = all); the end of SFT (GRPO's reference) always stays."""
     tensorboard: bool = True
     """Write TensorBoard event files."""
-    progress: bool = True
-    """Show tqdm progress bars."""
+    progress: bool | Literal["auto"] = "auto"
+    """tqdm progress bars: "auto" (default) draws them only when stderr is a terminal (under nohup, CI or a
+    redirect the log keeps its one line per step, plus a line every 30 s of a long eval); true always; false
+    never."""
 
 
 @dataclass
@@ -416,6 +424,11 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if value is None:
             return None
         return _coerce(name, next(a for a in args if a is not type(None)), value)
+    if origin in (typing.Union, types.UnionType):  # X | Y: the first that takes the value
+        for a in args:
+            with contextlib.suppress(ConfigError):
+                return _coerce(name, a, value)
+        raise ConfigError(f"{name}={value!r}: expected {' or '.join(getattr(a, '__name__', str(a)) for a in args)}")
     if origin is tuple and isinstance(value, (list, tuple)):  # tuple[X, ...] from a TOML / JSON array
         return tuple(_coerce(f"{name}[{i}]", args[0], v) for i, v in enumerate(value))
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -38,6 +39,19 @@ from exgrpo_fast.rollout import SamplingParams, rollout_dialogues
 from exgrpo_fast.rundir import writable_problem
 
 
+EVAL_NOTE_EVERY_S = 30.0
+"""Seconds between the plain progress lines of a long eval when log.progress is "auto" and stderr is no terminal."""
+
+
+def bars_on(progress: bool | Literal["auto"], stream=None) -> bool:
+    """Whether to draw tqdm bars for log.progress: as set when a bool; "auto": only when stream (default stderr,
+    where tqdm draws) is a terminal. Carriage-return frames are noise in a file, a pipe or a CI log."""
+    if progress == "auto":
+        isatty = getattr(stream if stream is not None else sys.stderr, "isatty", None)
+        return bool(isatty is not None and isatty())
+    return bool(progress)
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -47,17 +61,22 @@ def evaluate(
     max_new_tokens: int = 48,
     batch_size: int = 64,
     include_probes: bool = True,
-    progress: bool = False,
+    progress: bool | Literal["auto"] = False,
 ) -> dict[str, float]:
     """{acc_<split>, probe_acc_<split>, reward_<split>} from greedy multi-turn rollouts (split names shortened:
-    test_id -> id, test_ood -> ood). progress: a tqdm bar over the problems, shown once an eval has run 3 s.
+    test_id -> id, test_ood -> ood). progress (log.progress): a tqdm bar over the problems, shown once an eval has
+    run 3 s; "auto" draws it on a terminal and otherwise prints a plain line every EVAL_NOTE_EVERY_S seconds.
     Problems are sampled in chunks of batch_size, the sampler's own batches, in order."""
     reward_cfg = reward_cfg if reward_cfg is not None else RewardConfig()
     # not kept across calls: evals are rare, and a kept engine would hold a second KV cache through training
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, persistent=False)
     out: dict[str, float] = {}
     total = sum(len(p) for p in splits.values())
-    bar = tqdm(total=total, desc="eval", unit="problem", delay=3.0, leave=False, disable=not progress)
+    bars = bars_on(progress)
+    bar = tqdm(total=total, desc="eval", unit="problem", delay=3.0, leave=False, disable=not bars)
+    notes = progress == "auto" and not bars
+    t0 = last_note = time.perf_counter()
+    done = 0
     for split, problems in splits.items():
         if not problems:
             continue
@@ -70,6 +89,10 @@ def evaluate(
             )  # fmt: skip
             rollouts += [dataclasses.replace(r, problem_index=r.problem_index + start) for r in chunk]
             bar.update(min(batch_size, len(problems) - start))
+            done += min(batch_size, len(problems) - start)
+            if notes and time.perf_counter() - last_note >= EVAL_NOTE_EVERY_S:
+                last_note = time.perf_counter()
+                print(f"eval | {done}/{total} problems | {last_note - t0:.0f} s", flush=True)
         scores = [score_dialogue(problems[r.problem_index], r.responses, reward_cfg) for r in rollouts]
         n = len(scores)
         out[f"acc_{name}"] = sum(float(s["task"]) for s in scores) / n
@@ -116,7 +139,7 @@ def _main(argv: list[str]) -> dict[str, float]:
     t0 = time.perf_counter()
     metrics = evaluate(
         model, tokenizer, splits, reward_cfg=cfg.reward, max_new_tokens=max_new_tokens,
-        batch_size=cfg.rollout.batch_size, include_probes=args.probes, progress=sys.stderr.isatty(),
+        batch_size=cfg.rollout.batch_size, include_probes=args.probes, progress="auto",
     )  # fmt: skip
     metrics["eval_s"] = time.perf_counter() - t0
     n = cfg.log.eval_n

@@ -23,13 +23,15 @@ from fractions import Fraction
 from typing import Literal
 
 from exgrpo_fast.data.coherence import coherence_available, probe_coherence
-from exgrpo_fast.data.problem import Problem, as_problem
+from exgrpo_fast.data.numbers import NUMBER
+from exgrpo_fast.data.problem import Problem, as_problem, dialogue_probes
 
 _ANSWER = re.compile(r"\banswer[ \t]*:[ \t]*([^\n<]*)", re.IGNORECASE)  # "Answer: X" (our format)
 _ANSWER_IS = re.compile(r"\banswer[ \t]+is[ \t]*:?[ \t]*([^\n<]*)", re.IGNORECASE)  # "the answer is X"
 _HASHES = re.compile(r"####[ \t]*([^\n<]*)")  # GSM8K
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")  # LaTeX
-_NUMBER = re.compile(r"(?:(?<!\w)-)?\d[\d,]*(?:\.\d+)?(?:/\d+)?")  # "7-2": 7 and 2, not -2
+_NUMBER = re.compile(r"(?:(?<!\w)-)?" + NUMBER)  # "7-2": 7 and 2, not -2; commas: thousands only (data.numbers)
+_LEAD = re.compile(r"(-?" + NUMBER + r")\s+[A-Za-z]+$")  # "5 apples"
 _YESNO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
@@ -62,22 +64,21 @@ def extract_answer(text: str | None) -> str | None:
 
 
 def _as_number(text: str) -> Fraction | None:
-    t = text.strip().lstrip("$").replace(",", "").rstrip("%")
-    m = _NUMBER.fullmatch(t)
-    if not m:
-        # an answer like "5 apples": a single leading number counts
-        lead = re.match(r"(-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)\s+[A-Za-z]+$", t)
+    t = text.strip().lstrip("$").rstrip("%")
+    if not _NUMBER.fullmatch(t):
+        lead = _LEAD.match(t)  # an answer like "5 apples": a single leading number counts
         if not lead:
             return None
-        t = lead.group(1).replace(",", "")
+        t = lead.group(1)
     try:
-        return Fraction(t)
+        return Fraction(t.replace(",", ""))  # the grammar allows commas only as thousands separators
     except (ValueError, ZeroDivisionError):
         return None
 
 
 def answers_match(pred: str | None, gold: str | None) -> bool:
-    """Numeric comparison (1,000 == 1000, 5.0 == 5, 1/2 == 0.5) when both parse, else normalised text."""
+    """Numeric comparison (1,000 == 1000, 5.0 == 5, 1/2 == 0.5) when both parse, else normalised text. A comma is
+    a thousands separator only between groups of three digits (data.numbers): "1,2" is not 12, "0,5" not 5 or 0.5."""
     if pred is None or gold is None:
         return False
     a, b = _as_number(pred), _as_number(gold)
@@ -121,7 +122,8 @@ class RewardConfig:
 
 def score_dialogue(problem: Problem | Mapping, responses: list[str], cfg: RewardConfig | None = None) -> dict:
     """Reward terms of one dialogue. responses[0] answers the question, responses[1:] the checkable probes in
-    rollout order. Returns total, task, probe, dsu, format and per-kind probe correctness ("probe_<kind>")."""
+    rollout order (data.problem.dialogue_probes, the order rollout_user_turns asks them in). Returns total, task,
+    probe, dsu, format and per-kind probe correctness ("probe_<kind>")."""
     cfg = cfg or RewardConfig()
     if not responses:
         raise ValueError("responses is empty: a dialogue needs at least the answer to the question")
@@ -132,7 +134,7 @@ def score_dialogue(problem: Problem | Mapping, responses: list[str], cfg: Reward
     probe_right, coherent = [], []
     per_kind: dict[str, list[float]] = {}
     k = 0
-    for index, p in enumerate(problem.probes):  # index in the problem's probes (meta's order, explain included)
+    for index, p in dialogue_probes(problem):  # index: in the problem's probes (meta's order, explain included)
         if p.kind == "explain":
             continue
         k += 1

@@ -59,7 +59,7 @@ from exgrpo_fast.data.lengths import resolve_max_new_tokens
 from exgrpo_fast.data.packing import PackedBatch, pack_sequences
 from exgrpo_fast.data.problem import Dialogue, Problem, sft_dialogue
 from exgrpo_fast.data.splits import load_data
-from exgrpo_fast.eval import evaluate, format_eval
+from exgrpo_fast.eval import bars_on, evaluate, format_eval
 from exgrpo_fast.model.flops import FlopShape, forward_flops, peak_flops
 from exgrpo_fast.model.loading import load_model, use_device
 from exgrpo_fast.model.student import PackedPolicy, Student, load_student, needs_process_group
@@ -284,7 +284,7 @@ class Run:
         m = evaluate(
             self.student.sampler, self.tokenizer, self.test_splits, reward_cfg=self.cfg.reward,
             max_new_tokens=self.cfg.rollout.max_new_tokens, batch_size=self.cfg.rollout.batch_size,
-            include_probes=True, progress=self.cfg.log.progress and self.rank == 0,
+            include_probes=True, progress=self.cfg.log.progress if self.rank == 0 else False,
         )  # fmt: skip
         m["eval_s"] = time.perf_counter() - t0
         self.extra["evals"][tag] = m
@@ -922,7 +922,9 @@ def _finished(opened: rundir.OpenedRun, rank: int, world: int) -> dict:
 
 
 def _progress(cfg: TrainConfig, rank: int, total: int, initial: int, desc: str):
-    if cfg.log.progress and rank == 0:
+    """A stage's tqdm bar on rank 0 when log.progress asks for bars (eval.bars_on: "auto" = stderr is a terminal);
+    else a disabled one (the step lines alone)."""
+    if rank == 0 and bars_on(cfg.log.progress):
         return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
     return tqdm(total=total, initial=initial, disable=True)
 

@@ -62,6 +62,7 @@ def test_availability_and_errors():
         probe_coherence({}, 0, "1", "1")
     assert parse_number("3/4") == parse_number("0.75")
     assert parse_number("seven") is None
+    assert parse_number("1,234") == 1234 and parse_number("1,2") is None and parse_number("0,5") is None
 
 
 def test_coherent_correct_equals_correct_when_the_answer_is_right():

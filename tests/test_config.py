@@ -104,6 +104,23 @@ def test_toml_then_cli_override(tmp_path):
             C.parse_args(["--config", str(bad)])
 
 
+def test_progress_is_auto_true_or_false_everywhere(tmp_path):
+    """log.progress: "auto" by default (bars on a terminal only); true / false from flags, TOML and a saved
+    config.json (older runs saved a bool); anything else names the field."""
+    assert C.parse_args([])[0].log.progress == "auto"
+    for flag, want in (("auto", "auto"), ("true", True), ("False", False)):
+        assert C.parse_args(["--log.progress", flag])[0].log.progress == want
+    for text, want in (('progress = "auto"', "auto"), ("progress = false", False), ("progress = true", True)):
+        (tmp_path / "p.toml").write_text(f"[log]\n{text}\n")
+        assert C.parse_args(["--config", str(tmp_path / "p.toml")])[0].log.progress == want
+    assert C.from_dict({"log": {"progress": False}}).log.progress is False
+    assert C.from_dict(C.TrainConfig().to_dict()).log.progress == "auto"
+    with pytest.raises(C.ConfigError, match="log.progress='sometimes': expected bool or"):
+        C.from_dict({"log": {"progress": "sometimes"}})
+    with pytest.raises(C.ConfigError, match="--log.progress"):
+        C.parse_args(["--log.progress", "sometimes"])
+
+
 def test_toml_dump_roundtrip(tmp_path):
     cfg = C.preset_gpu()
     path = tmp_path / "dump.toml"

@@ -166,8 +166,42 @@ def test_collect_train_report_end_to_end(tiny_pair, tmp_path, capsys):
     assert sum(counts.values()) == 64
     assert sum(result["relative_norm_hist"]) == counts["A-only"] + counts["shared"] + counts["B-only"]
     text = (rep / "report.md").read_text()
-    assert "Most bee-only latents" in text and "[[" in text and "Per probe kind" in text
+    assert "## Latents leaning most to bee (highest r): top contexts" in text and "[[" in text
+    assert "Per probe kind" in text
     assert any(seg.startswith("verify") or seg.startswith("inverse") for seg in result["token_share"])
+
+
+def _report_result(counts: dict, latents: dict) -> dict:
+    seg = {"question:user": 0.5, "verify:asst": 0.5}
+    return {
+        "models": {"a": {"path": "runs/a"}, "b": {"path": "runs/b"}}, "layers": [1], "tokens_scanned": 100,
+        "train": {"fve": {"sft@1": 0.9, "grpo@1": 0.9}, "l0": 8.0, "dead_fraction": 0.0}, "counts": counts,
+        "exclusive": 0.1, "relative_norm_hist": [0] * 10, "shared_cosine": {"n": 0, "median": None,
+        "frac_above_0.9": None}, "latents": latents, "token_share": seg, "kinds": {},
+        "class_share": {c: dict.fromkeys(seg, 0.0) for c in ("A-only", "shared", "B-only")},
+    }  # fmt: skip
+
+
+def test_report_titles_say_what_the_sections_show_and_when_a_class_is_empty():
+    """No latent is sft-only: the section on the sft side is titled by what it shows (the latents leaning most to
+    sft) and says they are shared ones; an empty class reads '-' in the per-kind table, not 0.0%."""
+    from exgrpo_fast.analysis.report import _markdown
+
+    info = {"r": 0.41, "cos": 0.8, "freq": 0.1, "contexts": [{"act": 1.0, "text": "a[[b]]c"}]}
+    latents = {3: {**info, "side": "A", "class": "shared"}, 5: {**info, "r": 0.95, "side": "B", "class": "B-only"},
+               7: {**info, "r": 0.7, "side": "B", "class": "shared"}}  # fmt: skip
+    text = _markdown(_report_result({"A-only": 0, "shared": 40, "B-only": 1, "dead": 3}, latents), "sft", "grpo",
+                     ["sft@1", "grpo@1"])  # fmt: skip
+    assert "Most sft-only" not in text and "## Latents leaning most to sft (lowest r): top contexts" in text
+    assert "No live latent is sft-only (r < 0.1): those below are the shared latents nearest to it." in text
+    assert "## Latents leaning most to grpo (highest r): top contexts" in text
+    assert "1 of the 2 below is grpo-only (r > 0.9); the rest are shared." in text
+    assert "Empty classes (no live latent): sft-only (r < 0.1)." in text
+    assert "| question:user | 50.0% | - | 0.0% | 0.0% |" in text and "A column of '-': the class is empty." in text
+    both = {3: {**info, "r": 0.02, "side": "A", "class": "A-only"}, 5: latents[5]}
+    text = _markdown(_report_result({"A-only": 2, "shared": 40, "B-only": 1, "dead": 3}, both), "sft", "grpo",
+                     ["sft@1", "grpo@1"])  # fmt: skip
+    assert "All 1 below are sft-only (r < 0.1)." in text and "Empty classes" not in text and "| - |" not in text
 
 
 # ----------------------------------------------------------------------------------------------------------------

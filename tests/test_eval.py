@@ -279,3 +279,60 @@ def test_max_new_tokens_zero_is_valid_negative_is_not():
     C.parse_args(["--rollout.max_new_tokens", "0"])
     with pytest.raises(ConfigError, match="rollout.max_new_tokens=-1"):
         C.parse_args(["--rollout.max_new_tokens", "-1"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# progress bars only on a terminal (log.progress "auto")
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s):  # tqdm may draw to it
+        return len(s)
+
+    def flush(self):
+        pass
+
+
+def test_bars_on_a_terminal_only():
+    assert E.bars_on("auto", _Stream(True)) and not E.bars_on("auto", _Stream(False))
+    assert not E.bars_on("auto", object())  # a stream without isatty: not a terminal
+    assert E.bars_on(True, _Stream(False)) and not E.bars_on(False, _Stream(True))
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_auto_in_the_trainer_and_eval(tmp_path, monkeypatch, capsys, tty):
+    """log.progress "auto" (the default): on a terminal the stage and eval bars are drawn; otherwise no bar, the step
+    lines alone, and a long eval prints a plain line every EVAL_NOTE_EVERY_S (0 here: every batch)."""
+    import sys
+
+    from exgrpo_fast import train as T
+    from exgrpo_fast.config import TrainConfig
+    from exgrpo_fast.data.tasks import builtin_splits
+    from exgrpo_fast.model.loading import load_model
+    from exgrpo_fast.model.tiny import create_tiny_checkpoint
+
+    assert TrainConfig().log.progress == "auto"
+    monkeypatch.setattr(sys, "stderr", _Stream(tty))
+    cfg = TrainConfig()
+    assert T._progress(cfg, 0, 10, 0, "sft").disable is not tty
+    assert T._progress(cfg, 1, 10, 0, "sft").disable  # other ranks never draw
+    drawn = []
+    monkeypatch.setattr(E, "tqdm", lambda *a, **k: drawn.append(not k["disable"]) or T.tqdm(*a, **k))
+    monkeypatch.setattr(E, "EVAL_NOTE_EVERY_S", 0.0)
+    model, tok = load_model(create_tiny_checkpoint(tmp_path / "t", seed=1), dtype=torch.float32, device="cpu")
+    capsys.readouterr()
+    E.evaluate(model, tok, {"test_id": builtin_splits(0, 4, seed=0)["test_id"]}, max_new_tokens=2, batch_size=2,
+               progress="auto")  # fmt: skip
+    out = capsys.readouterr().out
+    assert drawn == [tty]
+    if tty:
+        assert "eval |" not in out
+    else:
+        assert [line.rsplit(" | ", 1)[0] for line in out.splitlines()] == ["eval | 2/4 problems", "eval | 4/4 problems"]
+        assert all(line.endswith(" s") for line in out.splitlines())

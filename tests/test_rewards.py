@@ -69,6 +69,32 @@ def test_answers_match(pred, gold, ok):
     assert answers_match(pred, gold) is ok
 
 
+@pytest.mark.parametrize(
+    "pred, gold, ok",
+    [
+        ("12", "1,2", False),  # a list or a decimal comma is not a thousands separator
+        ("1,2", "12", False),
+        ("5", "0,5", False),
+        ("05", "0,5", False),
+        ("0,5", "0,5", True),  # compared as text
+        ("12,34", "1234", False),
+        ("1,234", "1234", True),
+        ("1,234,567.5", "1234567.5", True),
+        ("-1,000", "-1000", True),
+        ("1,000 apples", "1000", True),
+        ("1,2345", "12345", False),
+    ],
+)
+def test_commas_are_thousands_separators_only(pred, gold, ok):
+    assert answers_match(pred, gold) is ok
+
+
+def test_extracted_numbers_keep_their_commas_only_as_thousands_separators():
+    assert extract_answer("the values are 1,2") == "2"  # two numbers, not 12
+    assert extract_answer("it costs 1,234,567 in all") == "1,234,567"
+    assert extract_answer("Answer: 0,5") == "0,5"
+
+
 def test_all_right_pays_full_dsu():
     r = score_dialogue(PROBLEM, ["3+4=7. 7-2=5. Answer: 5", "Answer: 7", "Answer: no"])
     assert r == {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -162,3 +164,36 @@ def test_main_arguments(tmp_path):
     assert G.main(["--dry-run", "--only", "bench_loss", "--results-dir", str(tmp_path)]) == 0
     if not torch.cuda.is_available():
         assert G.main(["--results-dir", str(tmp_path)]) == 2  # no GPU: refuses unless --smoke / --dry-run
+
+
+# ---- no result file names a directory of the machine it ran on
+
+ABSOLUTE = re.compile(r"(?<![\w./:~-])/(?:[\w.+-]+/)+[\w.+-]*|(?<![\w])[A-Za-z]:\\[\w\\.-]+|~/[\w.-]+")
+"""A Unix path from the root (/a/b..., not "tok/s" or a URL), a Windows drive path, or a home path."""
+
+
+def test_no_file_in_benches_results_names_an_absolute_path():
+    results = Path(__file__).resolve().parent.parent / "benches" / "results"
+    files = sorted(p for p in results.rglob("*") if p.is_file())
+    assert files
+    found = {str(p.relative_to(results)): ABSOLUTE.findall(p.read_text(errors="replace")) for p in files}
+    assert not {k: v for k, v in found.items() if v}, found
+    assert ABSOLUTE.findall("wrote /work/main/benches/results/x.csv | C:\\runs\\a | ~/x") == [
+        "/work/main/benches/results/x.csv", "C:\\runs\\a", "~/x"]  # fmt: skip
+    assert not ABSOLUTE.findall("12 tok/s, 3 ms/iter, https://github.com/a/b, 1/2, a / b, benches/results/x.csv")
+
+
+def test_benches_print_paths_relative_to_the_repo(tmp_path):
+    from benches import _common
+
+    root = Path(__file__).resolve().parent.parent
+    assert _common.rel(root / "benches" / "results" / "x.csv") == "benches/results/x.csv"
+    assert G.rel(root / "benches" / "results" / "gpu-run-1.md") == "benches/results/gpu-run-1.md"
+    assert _common.rel(tmp_path / "y.csv") == str(tmp_path / "y.csv")  # outside the repo: as given
+    argv = [sys.executable, str(root / "benches" / "bench_loss.py"), "--smoke"]
+    assert G.shown(argv) == f"{Path(sys.executable).name} benches/bench_loss.py --smoke"
+    text = G.render({"device": "cpu"}, [G.Step("s", argv, 10)])
+    assert sys.executable not in text and f"`{Path(sys.executable).name} benches/bench_loss.py --smoke`" in text
+    step = G.Step("echo", [sys.executable, "-c", f"print('{root}/tests/test_x.py:3: boom')"], 30)
+    G.run_step(step, 30, dict(os.environ))  # output naming the repo's absolute path (pytest, tracebacks)
+    assert step.output.strip() == "tests/test_x.py:3: boom" and step.summary == "tests/test_x.py:3: boom"

@@ -49,6 +49,15 @@ def test_parse_answer(text, answer, rationale):
 
 
 @pytest.mark.parametrize(
+    "text, answer",
+    [("0,5", "0,5"), ("1,2", "1,2"), ("12,34", "12,34"), ("1,234", "1234"), ("-1,234,567.5", "-1234567.5")],
+)
+def test_parse_answer_drops_commas_only_as_thousands_separators(text, answer):
+    """A decimal comma or a list stays text ("0,5" never becomes "05"); "1,234" is the number 1234."""
+    assert parse_answer(text) == (answer, "")
+
+
+@pytest.mark.parametrize(
     "bad", [None, "", "   ", "work #### ", "steps #### seventy", "#### x", True, float("nan"), [1]]
 )
 def test_parse_answer_rejects(bad):

@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 
 from exgrpo_fast.data.dialogue import encode_dialogue
 from exgrpo_fast.data.packing import PackedBatch, pack_sequences
+from exgrpo_fast.data.problem import dialogue_probes
 from exgrpo_fast.data.tasks import PROBE_KINDS
 
 KINDS = ("question",) + PROBE_KINDS
@@ -122,9 +123,9 @@ def record_layers(model, layers: list[int]):
 
 
 def _probe_kinds(problem) -> list[str]:
-    """Kinds of a problem's probes in dialogue order (dict problems or dataclass problems)."""
-    probes = problem["probes"] if isinstance(problem, dict) else getattr(problem, "probes", None)
-    return [p["kind"] if isinstance(p, dict) else p.kind for p in probes or []]
+    """Kinds of a problem's probes in dialogue order (data.problem.dialogue_probes, the order sft_dialogue asks
+    them in), for a Problem or a problem row."""
+    return [p.kind for _, p in dialogue_probes(problem)]
 
 
 def dialogue_labels(tokenizer, turns: list[dict], kinds: list[str]) -> dict[str, list[int]]:

@@ -3,7 +3,9 @@
 1. Relative decoder norm r = |d_B| / (|d_A| + |d_B|) of every live latent: a histogram and the counts of A-only
    (r < e), shared and B-only (r > 1 - e) latents (e = report.exclusive).
 2. Cosine between the A and B decoders of shared latents: does a shared feature write the same direction in both?
-3. Top-activating contexts (decoded tokens) of the most A-only and the most B-only live latents.
+3. Top-activating contexts (decoded tokens) of the live latents leaning most to A (lowest r) and most to B (highest
+   r): A-only / B-only ones when there are, else the shared latents nearest to them (the report says which, and when
+   a class is empty).
 4. Per probe kind: the firing rate of every latent on the tokens of each exchange kind (question, inverse,
    counterfactual, step, verify, explain) split by role (user prompt vs the assistant's answer), the latents most
    specific to each kind, and which class (A-only / shared / B-only) fires where.
@@ -243,19 +245,36 @@ def _markdown(res: dict, la: str, lb: str, names: list[str]) -> str:
               f"| dead fraction (no firing in the last train.dead_tokens tokens) | {t['dead_fraction']:.3f} |",
               f"| latents never firing in the report scan | {c['dead']} |", ""]  # fmt: skip
     e = res["exclusive"]
+    rule = {"A-only": f"r < {e:g}", "B-only": f"r > {1 - e:g}", "shared": f"{e:g} <= r <= {1 - e:g}"}
+    empty = [k for k in ("A-only", "shared", "B-only") if c[k] == 0]
     lines += ["## Relative decoder norm", "",
-              f"r = |d_{lb}| / (|d_{la}| + |d_{lb}|) over live latents: **{la}-only (r < {e}) {c['A-only']}**, "
-              f"**shared {c['shared']}**, **{lb}-only (r > {1 - e:g}) {c['B-only']}**. Histogram (10 bins, 0 to 1): "
-              f"{[int(x) for x in res['relative_norm_hist']]}.",
-              "", "![relative norm](relative_norm.png)", ""]  # fmt: skip
+              f"r = |d_{lb}| / (|d_{la}| + |d_{lb}|) over live latents: **{la}-only ({rule['A-only']}) "
+              f"{c['A-only']}**, **shared {c['shared']}**, **{lb}-only ({rule['B-only']}) {c['B-only']}**. Histogram "
+              f"(10 bins, 0 to 1): {[int(x) for x in res['relative_norm_hist']]}."]  # fmt: skip
+    if empty:
+        lines += ["", "Empty classes (no live latent): " + ", ".join(f"{name[k]} ({rule[k]})" for k in empty) + "."]
+    lines += ["", "![relative norm](relative_norm.png)", ""]
     sc = res["shared_cosine"]
     if sc["n"]:
         lines += ["## Decoder cosine of shared latents", "",
                   f"{sc['n']} shared latents: median cosine(d_{la}, d_{lb}) {sc['median']:.3f}, "
                   f"{100 * sc['frac_above_0.9']:.1f}% above 0.9.", "", "![cosine](shared_cosine.png)", ""]  # fmt: skip
-    for side, label in (("A", la), ("B", lb)):
-        lines += [f"## Most {label}-only latents: top contexts", "",
-                  "The activating token is in [[ ]]; `\\n` marks newlines.", ""]  # fmt: skip
+    for side, label, lean in (("A", la, "lowest"), ("B", lb, "highest")):
+        own = f"{side}-only"
+        shown = [info for info in res["latents"].values() if info["side"] == side]
+        n_own = sum(info["class"] == own for info in shown)
+        lines += [f"## Latents leaning most to {label} ({lean} r): top contexts", ""]
+        if not shown:
+            lines.append("No live latent fires often enough to be shown here (report.min_frequency).")
+        elif c[own] == 0:
+            lines.append(f"No live latent is {label}-only ({rule[own]}): those below are the shared latents nearest "
+                         "to it.")  # fmt: skip
+        elif n_own < len(shown):
+            verb = "is" if n_own == 1 else "are"
+            lines.append(f"{n_own} of the {len(shown)} below {verb} {label}-only ({rule[own]}); the rest are shared.")
+        else:
+            lines.append(f"All {len(shown)} below are {label}-only ({rule[own]}).")
+        lines += ["", "The activating token is in [[ ]]; `\\n` marks newlines.", ""]
         for i, info in res["latents"].items():
             if info["side"] != side:
                 continue
@@ -270,8 +289,11 @@ def _markdown(res: dict, la: str, lb: str, names: list[str]) -> str:
               "| kind:role | tokens | " + " | ".join(name[c] for c in ("A-only", "shared", "B-only")) + " |",
               "| --- | --- | --- | --- | --- |"]  # fmt: skip
     for seg, share in res["token_share"].items():
-        row = [f"{100 * res['class_share'][c].get(seg, 0):.1f}%" for c in ("A-only", "shared", "B-only")]
+        row = ["-" if c[k] == 0 else f"{100 * res['class_share'][k].get(seg, 0):.1f}%" for k in ("A-only", "shared",
+                                                                                             "B-only")]  # fmt: skip
         lines.append(f"| {seg} | {100 * share:.1f}% | " + " | ".join(row) + " |")
+    if empty:
+        lines += ["", "A column of '-': the class is empty."]
     lines += ["", "Latents most specific to each kind:role (lift = rate there / overall rate; rate >= 1%):",
               ""]  # fmt: skip
     for seg, rows in res["kinds"].items():

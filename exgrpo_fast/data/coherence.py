@@ -22,17 +22,9 @@ from __future__ import annotations
 import json
 from fractions import Fraction
 
+from exgrpo_fast.data.numbers import parse_number
+
 __all__ = ["coherence_available", "parse_number", "probe_coherence"]
-
-
-def parse_number(text: str | None) -> Fraction | None:
-    """An exact number from an extracted answer ("7", "-3", "2.5", "3/4"); None when it is not one."""
-    if text is None:
-        return None
-    try:
-        return Fraction(text.strip().replace(",", ""))
-    except (ValueError, ZeroDivisionError):
-        return None
 
 
 def _meta_dict(meta) -> dict | None:

@@ -15,7 +15,7 @@ would not fit, and for 0 ("auto") the longest reference reply over all splits pl
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -36,19 +36,39 @@ def reference_replies(problem: Problem | Mapping) -> list[str]:
     return [format_answer(p.rationale, p.answer)] + [f"{ANSWER_PREFIX}{q.answer}" for q in checkable_probes(p)]
 
 
+CHUNK = 512
+"""Problems whose replies are tokenised in one call (memory: one chunk's token ids, never every reply's)."""
+
+
+def token_counts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[int]:
+    """Tokens of each text without special tokens: len(tokenizer(texts, add_special_tokens=False)["input_ids"][i]),
+    counted on the Rust tokenizer of a fast tokenizer when it pads and truncates nothing (transformers' conversion
+    of every encoding to Python lists took longer than the tokenisation itself)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and backend.padding is None and backend.truncation is None:
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no character offsets
+        return [len(e) for e in encode(texts, add_special_tokens=False)]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _length_chunks(tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem | Mapping]) -> Iterator[list[int]]:
+    for lo in range(0, len(problems), CHUNK):
+        texts = [r for p in problems[lo : lo + CHUNK] for r in reference_replies(p)]
+        if texts:
+            yield [n + 1 for n in token_counts(tokenizer, texts)]
+
+
 def reply_lengths(tokenizer: PreTrainedTokenizerBase, problems: Sequence[Problem | Mapping]) -> list[int]:
-    """Tokens (end-of-turn included) of every reference reply of the problems, one batched tokenizer call."""
-    texts = [r for p in problems for r in reference_replies(p)]
-    if not texts:
-        return []
-    return [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    """Tokens (end-of-turn included) of every reference reply of the problems, tokenised CHUNK problems at a time."""
+    return [n for lengths in _length_chunks(tokenizer, problems) for n in lengths]
 
 
 def auto_max_new_tokens(
     tokenizer: PreTrainedTokenizerBase, splits: Mapping[str, Sequence[Problem | Mapping]], margin: int = AUTO_MARGIN
 ) -> int:
     """The longest reference reply over all splits plus margin tokens (margin + 1 when there are no problems)."""
-    return max((max(reply_lengths(tokenizer, ps), default=1) for ps in splits.values()), default=1) + margin
+    longest = max((max(n) for ps in splits.values() for n in _length_chunks(tokenizer, ps)), default=1)
+    return longest + margin
 
 
 def truncated_fractions(
@@ -57,9 +77,12 @@ def truncated_fractions(
     """{split: fraction of its reference replies longer than max_new_tokens} (splits without problems left out)."""
     out = {}
     for split, problems in splits.items():
-        lengths = reply_lengths(tokenizer, problems)
-        if lengths:
-            out[split] = sum(n > max_new_tokens for n in lengths) / len(lengths)
+        cut = total = 0
+        for lengths in _length_chunks(tokenizer, problems):
+            cut += sum(n > max_new_tokens for n in lengths)
+            total += len(lengths)
+        if total:
+            out[split] = cut / total
     return out
 
 

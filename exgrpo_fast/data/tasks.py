@@ -30,10 +30,12 @@ from exgrpo_fast.data.problem import (  # noqa: F401 - the dialogue helpers are 
     ANSWER_PREFIX,
     CHECKABLE,
     PROBE_KINDS,
+    REVEALS_FINAL,
     Probe,
     Problem,
     checkable_probes,
     format_answer,
+    hygienic_order,
     problem_rows,
     rollout_user_turns,
     sft_dialogue,
@@ -45,8 +47,6 @@ if TYPE_CHECKING:
 NAMES = ("Tom", "Ann", "Bob", "Eve", "Sam", "Mia", "Leo", "Ida")
 PRONOUNS = {"Tom": "He", "Bob": "He", "Sam": "He", "Leo": "He", "Ann": "She", "Eve": "She", "Mia": "She", "Ida": "She"}
 ITEMS = ("apples", "pens", "cards", "coins", "books", "shells")
-REVEALS_FINAL = ("inverse",)
-"""Probe kinds whose question states the final amount: they come after every turn that asks about it."""
 
 
 @dataclass
@@ -165,9 +165,9 @@ def write_probes(rng: random.Random, meta: dict, cfg: ArithConfig) -> list[Probe
                 candidate = final + rng.randint(1, 3)
             probes.append(Probe(kind, f"Is {candidate} right?", "yes" if candidate == final else "no"))
             params.append({"kind": kind, "candidate": candidate})
-    # hygiene: the inverse probe states the final amount, which counterfactual and verify probes ask about: it goes
-    # after every other checkable probe (stable order otherwise), so no turn reveals what a later turn asks for
-    order = sorted(range(len(probes)), key=lambda i: probes[i].kind in REVEALS_FINAL)
+    # stored in dialogue order (data.problem.hygienic_order: the inverse probe, which states the final amount, after
+    # every other checkable probe), so meta's probe parameters and the dialogues' turns line up as written
+    order = hygienic_order([p.kind for p in probes])
     probes, params = [probes[i] for i in order], [params[i] for i in order]
     if cfg.include_explain:
         steps = " and ".join(f"{values[i]}{op}{n}={values[i + 1]}" for i, (op, n) in enumerate(ops))
