@@ -37,6 +37,7 @@ import json
 import math
 import sys
 from collections.abc import Iterator
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,22 @@ class _FlashAttention(torch.autograd.Function):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+def _fp32_out_gemm(gemm, n_inputs: int):
+    """torch.mm / torch.addmm with out_dtype (cuBLAS half-in, fp32-out, into a given `out`) on fake tensors: the
+    result goes into `out`, which already holds its memory, so nothing new is allocated (some torch releases, 2.11
+    among them, cannot decompose the fp32-out addmm on fake tensors). Every other call is the plain op."""
+
+    def call(*args, out_dtype=None, out=None, **kwargs):
+        if out_dtype is None:
+            return gemm(*args, **kwargs) if out is None else gemm(*args, out=out, **kwargs)
+        if out is not None:
+            return out
+        a, b = args[n_inputs - 2], args[n_inputs - 1]
+        return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
+
+    return call
+
+
 def _sdpa_output_only(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     return query.new_empty(*query.shape[:-1], value.shape[-1])
 
@@ -217,7 +234,12 @@ def gpu_behaviour(gpu_bytes: int) -> Iterator[None]:
         chunk = linear_chunked.chunk_size
         mp(linear_chunked, "chunk_size", _gpu_chunk_size(chunk, gpu_bytes))
         mp(linear_chunked, "_fp32_out_ok", lambda device, kind: True)
+        mp(torch, "mm", _fp32_out_gemm(torch.mm, 2))
+        mp(torch, "addmm", _fp32_out_gemm(torch.addmm, 3))
         mp(attention, "_torch_varlen", lambda q, k, v, cu, max_len, scaling, window: _FlashAttention.apply(q, k, v))
+        from exgrpo_fast.rollout import engine, sampling
+
+        mp(engine, "sample_next", partial(sampling.sample_next, impl="triton"))  # the fused sampler, as on CUDA
         mp(torch.nn.functional, "scaled_dot_product_attention", _sdpa_output_only)
         del csrc_triton
         yield
@@ -234,6 +256,23 @@ def _gpu_chunk_size(chunk_size, gpu_bytes: int):
             return chunk_size(num_tokens, vocab, hidden, dtype, torch.device("cuda"), requested, **kwargs)
 
     return sized
+
+
+@contextlib.contextmanager
+def _fresh_sampling_caches() -> Iterator[None]:
+    """The sampler's per-process tables (built on first use) start empty for the trace and come back as they were:
+    a traced step pays for building them as a fresh process does, and no fake tensor stays in a module-level cache."""
+    from exgrpo_fast.rollout import sampling
+
+    saved = [(d, dict(d)) for d in (sampling._NOISE_TABLES, sampling._VOCAB_LANES)]
+    for d, _ in saved:
+        d.clear()
+    try:
+        yield
+    finally:
+        for d, items in saved:
+            d.clear()
+            d.update(items)
 
 
 @contextlib.contextmanager
@@ -400,7 +439,10 @@ def trace_step(cfg: TrainConfig, path: Path, world: int, shape: PlanShape, *, fa
     else:
         behaviour = ops.backend("reference")
     loader = _model_loader(path, device, "torch_varlen" if gpu else "sdpa_ref", fake)
-    with fake_mode, behaviour, ops.value_checks("off"), tracker, torch.random.fork_rng(), _fake_module_moves(fake):
+    with (
+        fake_mode, behaviour, ops.value_checks("off"), _fresh_sampling_caches(), tracker, torch.random.fork_rng(),
+        _fake_module_moves(fake),
+    ):  # fmt: skip
         # ---- the model
         student = load_student(path, cfg.model, device, world, loader=loader, mesh=mesh)
         masters = _bytes(p for p in student.model.parameters() if p.requires_grad)

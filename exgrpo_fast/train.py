@@ -599,8 +599,8 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     )  # fmt: skip
     # ---- rewards, group advantages, packing and the step's loss normaliser (host side)
     scores = [score_dialogue(problems[r.problem_index], r.responses, cfg.reward) for r in rollouts]
-    rewards = torch.tensor([float(s["total"]) for s in scores], dtype=torch.float32)
-    group_ids = torch.tensor([r.problem_index for r in rollouts], dtype=torch.long)
+    rewards = torch.tensor([float(s["total"]) for s in scores], dtype=torch.float32, device=device)
+    group_ids = torch.tensor([r.problem_index for r in rollouts], dtype=torch.long, device=device)
     advantages = ops.group_advantages(
         rewards, group_ids, scale=cfg.grpo.adv_scale, eps=cfg.grpo.adv_eps, nan_to_zero=True
     ).to(device)  # (S,)
