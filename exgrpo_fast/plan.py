@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import dataclasses
 import json
 import math
+import pkgutil
 import sys
 from collections.abc import Iterator
 from functools import partial
@@ -222,8 +224,8 @@ def gpu_behaviour(gpu_bytes: int) -> Iterator[None]:
 
     with contextlib.ExitStack() as stack:
         mp = stack.enter_context(_patches())
-        for name in ("logprob", "loss_head", "linear_logprob", "linear_chunked"):
-            module = __import__(f"csrc_triton.{name}", fromlist=[name])
+        for info in pkgutil.iter_modules(csrc_triton.__path__):
+            module = importlib.import_module(f"csrc_triton.{info.name}")
             for attr, value in vars(module).items():
                 if type(value).__name__ in ("JITFunction", "InterpretedFunction", "Autotuner", "Heuristics"):
                     mp(module, attr, _NoLaunch())
@@ -241,7 +243,6 @@ def gpu_behaviour(gpu_bytes: int) -> Iterator[None]:
 
         mp(engine, "sample_next", partial(sampling.sample_next, impl="triton"))  # the fused sampler, as on CUDA
         mp(torch.nn.functional, "scaled_dot_product_attention", _sdpa_output_only)
-        del csrc_triton
         yield
 
 
