@@ -499,7 +499,10 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     advantages = ops.group_advantages(
         rewards, group_ids, scale=cfg.grpo.adv_scale, eps=cfg.grpo.adv_eps, nan_to_zero=True
     ).to(device)  # (S,)
-    packed = pack_sequences([(r.ids, r.loss_mask) for r in rollouts], cfg.data.token_budget)
+    # a group's common prompt is packed once per micro-batch, its samples' continuations attending to it: every
+    # forward below (old, reference, teacher, update) computes it once, with the unshared packing's loss and grads
+    groups = [r.problem_index for r in rollouts] if cfg.grpo.share_prefix else None
+    packed = pack_sequences([(r.ids, r.loss_mask) for r in rollouts], cfg.data.token_budget, groups=groups)
     norm = step_loss_norm(packed)
     n_pad = agreed_micro_batches(len(packed), run.world, device) - len(packed)  # padding: weight 0
     batches = [b.to(device) for b in packed + packed[-1:] * n_pad]
@@ -528,6 +531,7 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     return {
         **reward_metrics(rewards, scores, G, cfg.grpo.use_probes), "loss": loss, **stats,
         "resp_chars": float(np.mean([len(x) for r in rollouts for x in r.responses])), "tokens": n_tok,
+        "update_tokens": sum(b.num_tokens for b in packed) * U,
         "t_rollout": t_rollout, "t_logp": t_logp, "t_update": t_update, **({"mfu": util} if util is not None else {}),
     }  # fmt: skip
 
@@ -657,7 +661,8 @@ def setup_run(
     log.print(
         f"run {run_dir} | model {model_path} | {run.n_params / 1e6:.2f}M params | device {device} | world {world} | "
         f"problems {len(problems)} | max_new_tokens {resolved}{' (auto)' if requested == 0 else ''} | "
-        f"ops {backend} | threads {torch.get_num_threads()} | load {_load():.2f}"
+        f"ops {backend} | share_prefix {'on' if cfg.grpo.share_prefix else 'off'} | threads {torch.get_num_threads()} | "
+        f"load {_load():.2f}"
     )
     return run, state, resume_dir, model_path
 
