@@ -464,11 +464,14 @@ def policy_loss_backward(
     stats_sum: dict[str, torch.Tensor] = {}
     for b, old_b, ref_b, tch_b, is_live in zip(batches, old, ref, teacher, live):
         hidden, weight, bias = policy(b)  # (N, H), (V, H)
-        mask = torch.ones_like(b.loss_labels, dtype=torch.bool)
-        loss, stats = ops.fused_linear_policy_loss(
-            hidden, weight, b.loss_labels, old_b, advantages[b.sample_index], b.loss_seq_ids, mask,
-            bias=bias, ref_logp=ref_b, teacher_logp=tch_b, temperature=temperature, cfg=loss_cfg, norm=norm,
-        )  # fmt: skip
+        if b.num_loss_tokens == 0:  # only prompt-only dialogues (an empty answer): no loss, but a backward all the
+            loss, stats = (hidden.sum() + weight.sum()) * 0.0, {}  # same, so FSDP's reduce-scatters pair up
+        else:
+            mask = torch.ones_like(b.loss_labels, dtype=torch.bool)
+            loss, stats = ops.fused_linear_policy_loss(
+                hidden, weight, b.loss_labels, old_b, advantages[b.sample_index], b.loss_seq_ids, mask,
+                bias=bias, ref_logp=ref_b, teacher_logp=tch_b, temperature=temperature, cfg=loss_cfg, norm=norm,
+            )  # fmt: skip
         w = 1.0 if is_live else 0.0
         (loss * w).backward()
         loss_sum = loss_sum + loss.detach() * w
@@ -661,8 +664,8 @@ def setup_run(
     log.print(
         f"run {run_dir} | model {model_path} | {run.n_params / 1e6:.2f}M params | device {device} | world {world} | "
         f"problems {len(problems)} | max_new_tokens {resolved}{' (auto)' if requested == 0 else ''} | "
-        f"ops {backend} | share_prefix {'on' if cfg.grpo.share_prefix else 'off'} | threads {torch.get_num_threads()} | "
-        f"load {_load():.2f}"
+        f"ops {backend} | share_prefix {'on' if cfg.grpo.share_prefix else 'off'} | "
+        f"threads {torch.get_num_threads()} | load {_load():.2f}"
     )
     return run, state, resume_dir, model_path
 
@@ -769,6 +772,8 @@ def _logp(model: torch.nn.Module, batch: PackedBatch, temperature: float) -> tor
     """No-grad log-probs of the batch's loss labels under a policy / reference / teacher model."""
     policy = model if isinstance(model, PackedPolicy) else PackedPolicy(model)
     hidden, weight, bias = policy(batch)
+    if batch.num_loss_tokens == 0:  # nothing to score (the forward still ran: FSDP's all-gathers pair up)
+        return hidden.new_zeros(0, dtype=torch.float32)
     return ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias, temperature=temperature)
 
 

@@ -247,7 +247,7 @@ def assert_same_loss_and_grads(model, a, b, weights, rtol=1e-5, atol=1e-6):
         if x is None or y is None:
             assert x is None and y is None, pname
             continue
-        torch.testing.assert_close(y, x, rtol=rtol * 10, atol=atol, msg=lambda m: f"{pname}: {m}")
+        torch.testing.assert_close(y, x, rtol=rtol * 10, atol=atol, msg=lambda m, n=pname: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("budget", [4096, 40])  # one micro-batch; groups split across several
@@ -339,7 +339,8 @@ def _varlen_emulation(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, causal, windo
 
 
 def fake_torch_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                      window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):  # fmt: skip
+                      window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None,
+                      num_splits=None):  # fmt: skip
     """torch.nn.attention.varlen.varlen_attn (PyTorch 2.13): causal is window_size == (-1, 0)."""
     return _varlen_emulation(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
                              causal=tuple(window_size) == (-1, 0), window=window_size, gqa=enable_gqa)  # fmt: skip
@@ -405,7 +406,7 @@ def test_cuda_backend_plumbing_on_cpu(fake_cuda_kernels, backend, name):
     ga = torch.autograd.grad(loss_a, list(reference.parameters()))
     gb = torch.autograd.grad(loss_b, list(model.parameters()))
     for (pname, _), x, y in zip(model.named_parameters(), ga, gb):
-        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6, msg=lambda m: f"{pname}: {m}")
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6, msg=lambda m, n=pname: f"{n}: {m}")
 
 
 @pytest.mark.gpu

@@ -160,7 +160,8 @@ def test_shared_prefix_layout():
     (whole,) = pack_sequences(seqs, 100)
     assert whole.kv_index is None and whole.unshared_tokens == whole.num_tokens == 39
     # the loss normaliser's inputs do not change: per-sample loss counts in the same sample order
-    assert sorted(zip(b.sample_index.tolist(), b.loss_lens)) == sorted(zip(whole.sample_index.tolist(), whole.loss_lens))
+    counts = sorted(zip(b.sample_index.tolist(), b.loss_lens))
+    assert counts == sorted(zip(whole.sample_index.tolist(), whole.loss_lens))
 
 
 def test_shared_prefix_edge_cases():
