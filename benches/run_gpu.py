@@ -75,6 +75,20 @@ def plan(smoke: bool, python: str = sys.executable) -> list[Step]:
         Step("bench_loss", [python, "benches/bench_loss.py", *s, *no_csv], 150),
         Step("bench_linear_loss", [python, "benches/bench_linear_loss.py", *s, *no_csv], 240),
         Step("bench_packing", [python, "benches/bench_packing.py", *s], 150),
+        # the GRPO step on the gpu-0.5b preset with and without shared prefixes (and TRL where installed), then the
+        # long-prompt workload (prompt 512, completion 64, G 16); smoke: tiny sizes (bench_e2e has no --smoke)
+        Step(
+            "bench_e2e",
+            [python, "benches/bench_e2e.py"]
+            + (
+                "--preset tiny --problems 2 --group-size 2 --max-new-tokens 8 --steps 2 --trainers ours ours-noshare "
+                "--long-prompt 128 --long-new-tokens 8 --long-group-size 4 --long-problems 1 --long-steps 2"
+                if smoke
+                else "--preset gpu-0.5b --problems 16 --group-size 8 --max-new-tokens 256 --steps 4 --long-problems 8 "
+                "--long-steps 3"
+            ).split(),
+            240,
+        ),
     ]
 
 

@@ -85,11 +85,12 @@ def test_environment_records_missing_peers(monkeypatch):
 
 def test_plan_headline_and_smoke():
     full = G.plan(smoke=False, python="py")
-    assert [s.name for s in full] == ["gpu tests", "bench_loss", "bench_linear_loss", "bench_packing"]
+    assert [s.name for s in full] == ["gpu tests", "bench_loss", "bench_linear_loss", "bench_packing", "bench_e2e"]
     assert all("--smoke" not in s.argv for s in full)  # headline sizes: the benches' GPU defaults
     assert full[0].argv[:6] == ["py", "-m", "pytest", "-q", "-m", "gpu"]
     assert sum(s.timeout for s in full[1:]) + full[0].timeout > 570  # the budget, not the sum, bounds the run
-    assert all("--smoke" in s.argv for s in G.plan(smoke=True)[1:])
+    assert all("--smoke" in s.argv for s in G.plan(smoke=True)[1:4])
+    assert "gpu-0.5b" in full[4].argv and "tiny" in G.plan(smoke=True)[4].argv  # bench_e2e has sizes, not --smoke
 
 
 def test_main_dry_run_writes_report(tmp_path, capsys):
@@ -97,7 +98,7 @@ def test_main_dry_run_writes_report(tmp_path, capsys):
     assert rc == 0
     (report,) = (tmp_path / "r").glob("gpu-run-*.md")
     text = report.read_text()
-    assert "(dry run)" in text and text.count("| dry run |") == 4 and "| triton |" in text
+    assert "(dry run)" in text and text.count("| dry run |") == 5 and "| triton |" in text
     assert (tmp_path / "out" / report.name).read_text() == text
     assert f"wrote {report}" in capsys.readouterr().out
 
