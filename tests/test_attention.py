@@ -231,7 +231,7 @@ def weighted_logp_loss(model, batches, weights):
         logp = torch.log_softmax(head(packed_hidden(model, b)).float(), -1).gather(1, b.loss_labels[:, None])[:, 0]
         sample = b.sample_index[b.loss_seq_ids]
         first = torch.searchsorted(b.loss_seq_ids, b.loss_seq_ids)  # loss rows are sorted by sequence
-        k = torch.arange(len(sample)) - first
+        k = torch.arange(len(sample), device=sample.device) - first
         total = total + (weights[sample, k] * logp).sum()
         rows += len(sample)
     return total / rows
