@@ -69,14 +69,16 @@ def test_bench_e2e_shared_prefix_is_the_same_step(tiny):
     context = probs[0]["question"].rsplit("\n", 1)[0]  # worked examples, then the question
     assert context.startswith("Q: ") and all(p["question"].startswith(context) for p in probs)
     assert max(len(p["question"]) for p in probs) <= 200 - 3  # + the template's 3 tokens
-    out = {}
-    for share in (True, False):
-        model, tok = b.load_model(path, dtype=torch.float32, device=torch.device("cpu"))
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-        out[share] = b.our_step(model, tok, opt, probs, args, False, step=0, share=share)
-    assert out[True]["trained_tokens"] == out[False]["trained_tokens"] == out[False]["update_tokens"]
-    assert out[True]["update_tokens"] < 0.5 * out[False]["update_tokens"]
-    assert abs(out[True]["loss"] - out[False]["loss"]) <= 1e-5 * abs(out[False]["loss"]) + 1e-7
+    for include_probes in (False, True):  # single turn; 3-turn dialogues share their first prompt only
+        out = {}
+        for share in (True, False):
+            model, tok = b.load_model(path, dtype=torch.float32, device=torch.device("cpu"))
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+            out[share] = b.our_step(model, tok, opt, probs, args, include_probes, step=0, share=share)
+        assert out[True]["trained_tokens"] == out[False]["trained_tokens"] == out[False]["update_tokens"]
+        saved = out[False]["update_tokens"] - out[True]["update_tokens"]
+        assert saved >= sum((args.group_size - 1) * len(p["question"]) for p in probs)  # the prompt, G - 1 times
+        assert abs(out[True]["loss"] - out[False]["loss"]) <= 1e-5 * abs(out[False]["loss"]) + 1e-7
 
 
 @pytest.mark.slow

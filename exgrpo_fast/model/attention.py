@@ -5,9 +5,18 @@ each starts. The model forward receives them as explicit keyword arguments (`cu_
 `max_length_q`, `max_length_k`, the names transformers' flash-attention path uses, plus `seq_lens_host` for the CPU
 reference), so no layer has to derive them from position_ids with a host sync.
 
+Shared prefixes (data.packing, `groups`): a GRPO group's prompt is one segment of the row and each sample's
+continuation another, whose queries must see the prompt's keys and then their own. The batch then also carries
+`kv_index` (int64 [T_k]: for each segment, the rows its queries see, prompt rows first) and `cu_seq_lens_k` /
+`max_length_k` over those gathered keys (`seq_lens_k_host` for the reference). The CUDA backends gather K and V
+once per layer (index_select: its backward sums the prompt rows' gradients over the continuations) and call the
+kernel with separate q and k cu_seqlens: a segment with more keys than queries aligns its causal (and sliding-window)
+mask to the bottom right, flash-attn's semantics since 2.1, so continuation token j sees prompt + its own first j+1
+tokens, and a window reaches back into the prompt. sdpa_ref builds the same masks explicitly.
+
 Backends, in order of preference when "auto":
     flash_attn       flash_attn.flash_attn_varlen_func (flash-attn 2/3), native GQA
-    flash_attn_cute  flash_attn.cute.flash_attn_varlen_func (flash-attn 4)
+    flash_attn_cute  flash_attn.cute.flash_attn_varlen_func (flash-attn 4; refuses sliding windows)
     torch_varlen     torch.nn.attention.varlen.varlen_attn (PyTorch >= 2.10, CUDA SM80+)
     sdpa_ref         reference: causal SDPA per document, similar lengths batched (any device; the CPU default)
 
