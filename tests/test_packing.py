@@ -148,7 +148,7 @@ def test_shared_prefix_layout():
     seqs, groups = _group_seqs([(6, [3, 5, 1]), (4, [2, 2])])
     (b,) = pack_sequences(seqs, 100, groups=groups)
     # prompt once per group: 6 + 3 + 5 + 1 + 4 + 2 + 2 tokens instead of 3 * 6 + 9 + 2 * 4 + 4
-    assert b.num_tokens == 23 and b.unshared_tokens == 39
+    assert b.num_tokens == 23 and sum(len(t) for t, _ in seqs) == 39
     assert b.seq_lens == (6, 3, 5, 1, 4, 2, 2) and b.seq_lens_k == (6, 9, 11, 7, 4, 6, 6)
     assert b.position_ids.tolist()[:15] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 6, 7, 8, 9, 10, 6]
     assert b.seq_ids.tolist()[:7] == [-1] * 6 + [0]
@@ -158,7 +158,7 @@ def test_shared_prefix_layout():
     assert b.kv_index.tolist()[6:15] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
     _check_against_unshared(seqs, [b])
     (whole,) = pack_sequences(seqs, 100)
-    assert whole.kv_index is None and whole.unshared_tokens == whole.num_tokens == 39
+    assert whole.kv_index is None and whole.num_tokens == 39
     # the loss normaliser's inputs do not change: per-sample loss counts in the same sample order
     counts = sorted(zip(b.sample_index.tolist(), b.loss_lens))
     assert counts == sorted(zip(whole.sample_index.tolist(), whole.loss_lens))

@@ -53,17 +53,11 @@ class PackedBatch:
     cu_seqlens_k: torch.Tensor | None = None  # (D+1,) int32: segment starts in the gathered keys; None = cu_seqlens
     max_seqlen_k: int = 0  # longest key set (0: max_seqlen)
     seq_lens_k: tuple[int, ...] = ()  # host copy of the key lengths (empty: seq_lens)
-    unshared_tokens: int = 0  # tokens these sequences take packed whole (= num_tokens without shared prefixes)
 
     @property
     def num_loss_tokens(self) -> int:
         """N, the number of loss positions (host int: no sync)."""
         return sum(self.loss_lens)
-
-    @property
-    def num_seqs(self) -> int:
-        """S, the number of sequences (samples) in the batch (host int)."""
-        return len(self.loss_lens)
 
     def to(self, device: torch.device | str) -> PackedBatch:
         moved = {}
@@ -209,7 +203,6 @@ def _build(tokens: list[list[int]], masks: list[list[bool]], items: list[_Item])
         cu_seqlens_k=cumsum32(k_lens) if shared else cu,
         max_seqlen_k=max(k_lens),
         seq_lens_k=tuple(k_lens),
-        unshared_tokens=sum(len(tokens[i]) for i in samples),
     )
 
 

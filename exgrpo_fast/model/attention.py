@@ -335,7 +335,7 @@ def packed_attention_forward(
     if softcap and backend != "flash_attn":
         raise NotImplementedError(f"attention logit softcapping needs the flash_attn backend, not {backend}")
     if backend == "sdpa_ref":
-        lens_k = kwargs.get("seq_lens_k_host") if kv_index is not None else None
+        lens_k = kwargs["seq_lens_k_host"] if kv_index is not None else None
         out = _sdpa_ref(q, k, v, kwargs["seq_lens_host"], scaling, sliding_window, lens_k, kv_index)
     else:
         if kv_index is not None:  # (T_k, Hkv, D): each continuation's prefix rows repeated before its own
