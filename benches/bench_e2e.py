@@ -8,24 +8,30 @@ digits in the answer) that a randomly initialised model can learn within a few s
 loss trends show both trainers are really training.
 
     ours        the pieces train.grpo_step runs, composed here with this bench's reward and optimizer:
-                rollout_dialogues (single turn) -> rewards -> ops.group_advantages -> data.packing.pack_sequences ->
-                model.forward.packed_hidden -> ops.fused_linear_policy_loss (on-policy, old_logp=None, the step's
-                LossNorm) -> backward -> AdamW
+                rollout_dialogues (single turn) -> rewards -> ops.group_advantages -> data.packing.pack_sequences
+                (groups: each problem's prompt packed once, grpo.share_prefix) -> model.forward.packed_hidden ->
+                ops.fused_linear_policy_loss (on-policy, old_logp=None, the step's LossNorm) -> backward -> AdamW
+    ours-noshare  the same with every sample packed whole (grpo.share_prefix false)
     trl         trl.GRPOTrainer with transformers generation (its default without vLLM), loss_type "dapo"
                 (token-mean), beta 0, num_iterations 1
     ours-3turn  our multi-turn ExGRPO step (question + 2 probes per dialogue) at the same P, G and length per turn
 
-Reported per trainer: rollout tokens/s (sampled tokens / sampling time), trained tokens/s (prompt + completion
-tokens through the update forward/backward / whole step time), seconds per step (mean over steps after the first),
-and reward / loss per step.
+Reported per trainer: seconds per step (mean over steps after the first), rollout tokens/s (sampled tokens /
+sampling time), trained tokens/s (prompt + completion tokens of every sample, the work the step stands for, / whole
+step time), the update's seconds and the tokens it computes per step (through the policy forward and backward:
+fewer than the trained tokens with a shared prefix), reward and loss per step.
 
-    python benches/bench_e2e.py                    # CPU: tiny preset, P 4, G 8, 32 new tokens, 6 steps
+Then a long-prompt workload (few-shot context: prompt ~512 tokens, completion 64, G 16), ours with and without
+sharing, where the prompt dominates the tokens and sharing pays most (--long-prompt 0 skips it).
+
+    python benches/bench_e2e.py                    # CPU: tiny preset, P 4, G 8, 32 new tokens, 6 steps; long prompt
     python benches/bench_e2e.py --preset gpu-0.5b --problems 16 --group-size 8 --max-new-tokens 256   # GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -57,8 +63,10 @@ def shaped_reward(problem, responses: list[str]) -> float:
     return float(score_dialogue(problem, responses)["total"]) + sum(digits) / max(1, len(digits))
 
 
-def make_problems(n: int, seed: int) -> list:
-    """Problems with at least 3 user turns (question + 2 probes), probes cut to 2 for the 3-turn mode."""
+def make_problems(n: int, seed: int, prompt_len: int = 0) -> list:
+    """Problems with at least 3 user turns (question + 2 probes), probes cut to 2 for the 3-turn mode. prompt_len > 0
+    puts worked examples (other problems with their answers: a few-shot context, the same for every problem) before
+    each question, up to about prompt_len characters (= tokens of the tiny tokenizer) in all."""
     out, k = [], 0
     while len(out) < n:
         for p in builtin_dataset(4 * n, 2, seed=seed + k)["train"]:
@@ -67,6 +75,15 @@ def make_problems(n: int, seed: int) -> list:
                 q["probes"] = [x for x in p["probes"] if x["kind"] != "explain"][:2]
                 out.append(q)
         k += 1
+    if prompt_len > 0:
+        shots = builtin_dataset(64, 2, seed=seed + 1000)["train"]
+        context = ""
+        for p in shots:
+            shot = f"Q: {p['question']} A: {p['rationale']} {p['answer']}\n"
+            if len(context) + len(shot) + max(len(q["question"]) for q in out) + 3 > prompt_len:
+                break
+            context += shot
+        out = [{**q, "question": context + q["question"]} for q in out]
     return out
 
 
@@ -74,7 +91,7 @@ def make_problems(n: int, seed: int) -> list:
 # ours
 
 
-def our_step(model, tok, optimizer, problems, args, include_probes: bool, step: int) -> dict:
+def our_step(model, tok, optimizer, problems, args, include_probes: bool, step: int, share: bool = True) -> dict:
     device = next(model.parameters()).device
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
     G = args.group_size
@@ -88,10 +105,14 @@ def our_step(model, tok, optimizer, problems, args, include_probes: bool, step: 
     rewards = torch.tensor([shaped_reward(problems[r.problem_index], r.responses) for r in rollouts])
     group_ids = torch.tensor([r.problem_index for r in rollouts])
     advantages = ops.group_advantages(rewards, group_ids, scale="group").to(device)  # (S,)
-    batches = [b.to(device) for b in pack_sequences([(r.ids, r.loss_mask) for r in rollouts], args.token_budget)]
+    groups = [r.problem_index for r in rollouts] if share else None  # the trainer's grpo.share_prefix
+    packed = pack_sequences([(r.ids, r.loss_mask) for r in rollouts], args.token_budget, groups=groups)
+    batches = [b.to(device) for b in packed]
     cfg = ops.LossConfig(loss_type="ppo", clip_low=EPS_CLIP, clip_high=EPS_CLIP, loss_agg="token-mean")
     norm = step_loss_norm(batches)  # the whole step's normaliser, as the trainer computes it
     loss_sum = torch.zeros((), device=device)
+    sync(device)
+    t_update = time.perf_counter()
     for b in batches:
         hidden = packed_hidden(model, b)  # (N, H)
         weight, bias = lm_head(model)
@@ -105,20 +126,21 @@ def our_step(model, tok, optimizer, problems, args, include_probes: bool, step: 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sync(device)
-    dt = time.perf_counter() - t0
+    t_end = time.perf_counter()
     return {
-        "seconds": dt, "rollout_seconds": t_roll, "rollout_tokens": sum(sum(r.loss_mask) for r in rollouts),
-        "trained_tokens": sum(b.num_tokens for b in batches), "reward": rewards.mean().item(),
-        "loss": loss_sum.item(),
+        "seconds": t_end - t0, "rollout_seconds": t_roll, "rollout_tokens": sum(sum(r.loss_mask) for r in rollouts),
+        "trained_tokens": sum(len(r.ids) for r in rollouts), "update_tokens": sum(b.num_tokens for b in packed),
+        "update_seconds": t_end - t_update, "reward": rewards.mean().item(), "loss": loss_sum.item(),
     }  # fmt: skip
 
 
-def run_ours(path, problems_per_step, args, include_probes: bool, device, dtype) -> list[dict]:
+def run_ours(path, problems_per_step, args, include_probes: bool, device, dtype, share: bool = True) -> list[dict]:
     model, tok = load_model(path, dtype=dtype, device=device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0)
     return [
-        our_step(model, tok, optimizer, probs, args, include_probes, s) for s, probs in enumerate(problems_per_step)
+        our_step(model, tok, optimizer, probs, args, include_probes, s, share)
+        for s, probs in enumerate(problems_per_step)
     ]
 
 
@@ -202,14 +224,36 @@ def summarize(name: str, steps: list[dict]) -> dict:
     secs = statistics.mean(s["seconds"] for s in timed)
     roll = sum(s["rollout_tokens"] for s in timed) / sum(s["rollout_seconds"] for s in timed)
     trained = sum(s["trained_tokens"] for s in timed) / sum(s["seconds"] for s in timed)
-    rewards = " ".join(f"{s['reward']:.3f}" for s in steps)
-    losses = " ".join(f"{s['loss']:+.4f}" for s in steps)
-    print(f"{name:>10} | {secs:6.2f} s/step | rollout {roll:7.0f} tok/s | trained {trained:7.0f} tok/s")
-    print(f"{'':>10} | reward per step: {rewards}")
-    print(f"{'':>10} | loss per step:   {losses}")
-    return {"trainer": name, "s_per_step": round(secs, 3), "rollout_tok_s": round(roll, 1),
-            "trained_tok_s": round(trained, 1), "first_reward": steps[0]["reward"], "last_reward": steps[-1]["reward"],
-            "steps": len(steps)}  # fmt: skip
+    out = {"trainer": name, "s_per_step": round(secs, 3), "rollout_tok_s": round(roll, 1),
+           "trained_tok_s": round(trained, 1),
+           "trained_tokens_per_step": statistics.mean(s["trained_tokens"] for s in timed),
+           "first_reward": steps[0]["reward"], "last_reward": steps[-1]["reward"], "steps": len(steps)}  # fmt: skip
+    line = f"{name:>18} | {secs:6.2f} s/step | rollout {roll:7.0f} tok/s | trained {trained:7.0f} tok/s"
+    if "update_seconds" in steps[0]:
+        out["update_s_per_step"] = round(statistics.mean(s["update_seconds"] for s in timed), 3)
+        out["update_tokens_per_step"] = statistics.mean(s["update_tokens"] for s in timed)
+        line += f" | update {out['update_s_per_step']:6.3f} s, {out['update_tokens_per_step']:7.0f} tokens/step"
+    print(line)
+    print(f"{'':>18} | reward per step: " + " ".join(f"{s['reward']:.3f}" for s in steps))
+    print(f"{'':>18} | loss per step:   " + " ".join(f"{s['loss']:+.4f}" for s in steps))
+    return out
+
+
+def compare_sharing(results: dict, a: str, b: str) -> None:
+    """One line: the update and the step with a shared prefix (a) against without (b), on the same work."""
+    if a in results and b in results:
+        x, y = results[a], results[b]
+        print(f"{a} / {b}: update tokens x{y['update_tokens_per_step'] / x['update_tokens_per_step']:.2f} fewer, "
+              f"update x{y['update_s_per_step'] / x['update_s_per_step']:.2f} faster, "
+              f"step x{y['s_per_step'] / x['s_per_step']:.2f} faster")  # fmt: skip
+
+
+def run_trainer(name: str, path, per_step, args, device, dtype):
+    if name in ("ours", "ours-noshare", "ours-3turn", "ours-3turn-noshare"):
+        return run_ours(path, per_step, args, "3turn" in name, device, dtype, share=not name.endswith("noshare"))
+    if name == "trl":
+        return run_trl(path, per_step, args, device, dtype)
+    raise SystemExit(f"unknown trainer {name!r}")
 
 
 def main() -> None:
@@ -221,42 +265,56 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--token-budget", type=int, default=4096)
-    p.add_argument("--trainers", nargs="+", default=["ours", "trl", "ours-3turn"])
+    p.add_argument("--trainers", nargs="+", default=["ours", "ours-noshare", "trl", "ours-3turn"])
+    p.add_argument("--long-prompt", type=int, default=512, help="prompt tokens of the long-prompt workload (0: skip)")
+    p.add_argument("--long-new-tokens", type=int, default=64, help="completion tokens of the long-prompt workload")
+    p.add_argument("--long-group-size", type=int, default=16, help="G of the long-prompt workload")
+    p.add_argument("--long-problems", type=int, default=2, help="P of the long-prompt workload")
+    p.add_argument("--long-steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
 
     device, preset, dtype = model_setup(args.preset, args.threads)
     path = create_tiny_checkpoint(Path(tempfile.mkdtemp()) / preset, preset=preset, seed=0)
-    problems = make_problems(args.problems * args.steps, seed=0)
-    per_step = [problems[i * args.problems : (i + 1) * args.problems] for i in range(args.steps)]
     facts = env_facts(device)
-    print(f"# {facts['device']} | torch {facts['torch']} | threads {torch.get_num_threads()} | preset {preset} | "
-          f"P {args.problems} G {args.group_size} | max_new_tokens {args.max_new_tokens} | steps {args.steps} | "
-          f"lr {args.lr}")  # fmt: skip
-    rows, results = [], {}
-    for name in args.trainers:
-        torch.manual_seed(0)
-        if name == "ours":
-            steps = run_ours(path, per_step, args, False, device, dtype)
-        elif name == "ours-3turn":
-            steps = run_ours(path, per_step, args, True, device, dtype)
-        elif name == "trl":
+    rows = []
+
+    def workload(name: str, wargs, prompt_len: int, trainers: list[str]) -> dict:
+        problems = make_problems(wargs.problems * wargs.steps, seed=0, prompt_len=prompt_len)
+        per_step = [problems[i * wargs.problems : (i + 1) * wargs.problems] for i in range(wargs.steps)]
+        print(f"# {name} | {facts['device']} | torch {facts['torch']} | threads {torch.get_num_threads()} | "
+              f"load {os.getloadavg()[0]:.2f} | preset {preset} | P {wargs.problems} G {wargs.group_size} | "
+              f"prompt ~{statistics.mean(len(q['question']) for q in problems):.0f} chars | max_new_tokens "
+              f"{wargs.max_new_tokens} | steps {wargs.steps} | lr {wargs.lr}")  # fmt: skip
+        results = {}
+        for trainer in trainers:
+            torch.manual_seed(0)
             try:
-                steps = run_trl(path, per_step, args, device, dtype)
-            except Exception as err:  # report exactly why TRL could not run here, and go on with ours
-                print(f"       trl | could not run: {type(err).__name__}: {err}")
+                steps = run_trainer(trainer, path, per_step, wargs, device, dtype)
+            except Exception as err:  # report exactly why a peer could not run here, and go on with ours
+                if trainer != "trl":
+                    raise
+                print(f"{'trl':>18} | could not run: {type(err).__name__}: {err}")
                 continue
-        else:
-            raise SystemExit(f"unknown trainer {name!r}")
-        results[name] = summarize(name, steps)
-        rows.append({**facts, "preset": preset, "P": args.problems, "G": args.group_size,
-                     "max_new_tokens": args.max_new_tokens, **results[name]})  # fmt: skip
+            results[trainer] = summarize(trainer, steps)
+            rows.append({**facts, "workload": name, "preset": preset, "P": wargs.problems, "G": wargs.group_size,
+                         "max_new_tokens": wargs.max_new_tokens, **results[trainer]})  # fmt: skip
+        return results
+
+    results = workload("default", args, 0, args.trainers)
     if "ours" in results and "trl" in results:
         a, b = results["ours"], results["trl"]
         speed = b["s_per_step"] / a["s_per_step"]
         roll = a["rollout_tok_s"] / b["rollout_tok_s"]
         trained = a["trained_tok_s"] / b["trained_tok_s"]
         print(f"ours / trl: step throughput x{speed:.2f}, rollout tok/s x{roll:.2f}, trained tok/s x{trained:.2f}")
+    compare_sharing(results, "ours", "ours-noshare")
+    if args.long_prompt > 0:
+        long_args = argparse.Namespace(**{**vars(args), "problems": args.long_problems, "steps": args.long_steps,
+                                          "group_size": args.long_group_size,
+                                          "max_new_tokens": args.long_new_tokens})  # fmt: skip
+        results = workload("long-prompt", long_args, args.long_prompt, ["ours", "ours-noshare"])
+        compare_sharing(results, "ours", "ours-noshare")
     print(f"wrote {rel(write_csv('bench_e2e', rows))}")
 
 

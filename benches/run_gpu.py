@@ -51,10 +51,13 @@ STEP_MARGIN_S = 5.0  # per step: process start, killing a process group, writing
 # (name, planned seconds = the step's hard cap, command). One line per step.
 PLAN: list[tuple[str, float, str]] = [
     ("gpu tests", 150, "{py} -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors {timeout} tests"),
-    ("bench_loss", 120, "{py} benches/bench_loss.py {smoke} {no_csv}"),  # includes torch.compile's compile time
-    ("bench_linear_loss", 120, "{py} benches/bench_linear_loss.py {smoke} {no_csv} --max-seconds 105"),
+    ("bench_loss", 90, "{py} benches/bench_loss.py {smoke} {no_csv}"),  # includes torch.compile's compile time
+    ("bench_linear_loss", 90, "{py} benches/bench_linear_loss.py {smoke} {no_csv} --max-seconds 75"),
     ("bench_packing", 60, "{py} benches/bench_packing.py {smoke}"),
-    ("bench_sampling", 45, "{py} benches/bench_sampling.py {smoke} {no_csv}"),
+    ("bench_sampling", 35, "{py} benches/bench_sampling.py {smoke} {no_csv}"),
+    # the GRPO step on gpu-0.5b with and without shared prefixes (and TRL where installed), then the long-prompt
+    # workload (prompt ~512, completion 64, G 16)
+    ("bench_e2e", 100, "{py} benches/bench_e2e.py {e2e}"),
 ]
 
 # distributions whose versions the report records: ours, then the peers the benches compare with
@@ -83,6 +86,12 @@ def plan(smoke: bool, python: str = sys.executable, entries: list[tuple[str, flo
         "no_csv": "--no-csv" if smoke else "",
         # a test that hangs must not take the whole step (pytest-timeout is on the GPU image; skipped when absent)
         "timeout": "--timeout 120" if importlib.util.find_spec("pytest_timeout") else "",
+        # bench_e2e has no --smoke: tiny sizes spelled out
+        "e2e": "--preset tiny --problems 2 --group-size 2 --max-new-tokens 8 --steps 2 --trainers ours ours-noshare "
+        "--long-prompt 128 --long-new-tokens 8 --long-group-size 4 --long-problems 1 --long-steps 2"
+        if smoke
+        else "--preset gpu-0.5b --problems 16 --group-size 8 --max-new-tokens 256 --steps 4 --long-problems 8 "
+        "--long-steps 3",
     }
     steps = []
     for name, planned, command in PLAN if entries is None else entries:

@@ -160,6 +160,10 @@ class GRPOConfig:
     """Epsilon added to the std in advantage normalisation."""
     use_probes: bool = True
     """Roll out the probe turns after the answer (False = plain GRPO on the question only)."""
+    share_prefix: bool = True
+    """Pack the common prompt of a problem's G dialogues once per micro-batch, each dialogue's continuation attending
+    to it, in every forward of the step (old, reference, teacher log-probs and the update): the same loss and
+    gradients as packing every dialogue whole, with fewer tokens (metric update_tokens). False packs them whole."""
 
 
 @dataclass

@@ -238,7 +238,7 @@ def gpu_behaviour(gpu_bytes: int) -> Iterator[None]:
         mp(linear_chunked, "_fp32_out_ok", lambda device, kind: True)
         mp(torch, "mm", _fp32_out_gemm(torch.mm, 2))
         mp(torch, "addmm", _fp32_out_gemm(torch.addmm, 3))
-        mp(attention, "_torch_varlen", lambda q, k, v, cu, max_len, scaling, window: _FlashAttention.apply(q, k, v))
+        mp(attention, "_torch_varlen", lambda q, k, v, *shape_and_options: _FlashAttention.apply(q, k, v))
         from exgrpo_fast.rollout import engine, sampling
 
         mp(engine, "sample_next", partial(sampling.sample_next, impl="triton"))  # the fused sampler, as on CUDA

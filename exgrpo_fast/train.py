@@ -565,12 +565,15 @@ def policy_loss_backward(
         if micro_batch is not None:
             micro_batch(i == len(batches) - 1)
         hidden, weight, bias = policy(b)  # (N, H), (V, H)
-        mask = torch.ones_like(b.loss_labels, dtype=torch.bool)
-        loss, stats = ops.fused_linear_policy_loss(
-            hidden, weight, b.loss_labels, old_b, advantages[b.sample_index], b.loss_seq_ids, mask,
-            bias=bias, ref_logp=ref_b, teacher_logp=tch_b, temperature=temperature, cfg=loss_cfg, norm=norm,
-            **(lm_head or {}),
-        )  # fmt: skip
+        if b.num_loss_tokens == 0:  # only prompt-only dialogues (an empty answer): no loss, but a backward all the
+            loss, stats = (hidden.sum() + weight.sum()) * 0.0, {}  # same, so FSDP's reduce-scatters pair up
+        else:
+            mask = torch.ones_like(b.loss_labels, dtype=torch.bool)
+            loss, stats = ops.fused_linear_policy_loss(
+                hidden, weight, b.loss_labels, old_b, advantages[b.sample_index], b.loss_seq_ids, mask,
+                bias=bias, ref_logp=ref_b, teacher_logp=tch_b, temperature=temperature, cfg=loss_cfg, norm=norm,
+                **(lm_head or {}),
+            )  # fmt: skip
         w = 1.0 if is_live else 0.0
         (loss * (w * loss_scale)).backward()
         loss_sum = loss_sum + loss.detach() * w
@@ -604,7 +607,10 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     advantages = ops.group_advantages(
         rewards, group_ids, scale=cfg.grpo.adv_scale, eps=cfg.grpo.adv_eps, nan_to_zero=True
     ).to(device)  # (S,)
-    packed = pack_sequences([(r.ids, r.loss_mask) for r in rollouts], cfg.data.token_budget)
+    # a group's common prompt is packed once per micro-batch, its samples' continuations attending to it: every
+    # forward below (old, reference, teacher, update) computes it once, with the unshared packing's loss and grads
+    groups = [r.problem_index for r in rollouts] if cfg.grpo.share_prefix else None
+    packed = pack_sequences([(r.ids, r.loss_mask) for r in rollouts], cfg.data.token_budget, groups=groups)
     counts = step_counts(packed, run.world, device)  # the global normaliser and micro-batch count
     n_pad = counts.micro_batches - len(packed)  # padding: weight 0
     batches = [b.to(device) for b in packed + packed[-1:] * n_pad]
@@ -644,6 +650,7 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     n_tok = sum(b.num_loss_tokens for b in packed)
     return {
         **reward_metrics(rollouts, scores, G, cfg.grpo.use_probes, run.world), "loss": loss, **stats, "tokens": n_tok,
+        "update_tokens": sum(b.num_tokens for b in packed) * U,
         "t_rollout": t_rollout, "t_logp": t_logp, "t_update": t_update, "flops": flops, "t_train": t_logp + t_update,
     }  # fmt: skip
 
@@ -817,6 +824,7 @@ def setup_run(
         f"run {run_dir} | model {model_path} | {run.n_params / 1e6:.2f}M params | {student.describe()} | "
         f"device {device} | world {world} | problems {len(problems)} | "
         f"max_new_tokens {resolved}{' (auto)' if requested == 0 else ''} | ops {backend} | "
+        f"share_prefix {'on' if cfg.grpo.share_prefix else 'off'} | "
         f"threads {torch.get_num_threads()} | load {_load():.2f}"
     )
     return run, state, resume_dir, model_path
@@ -959,6 +967,9 @@ def _logp(model: torch.nn.Module, batch: PackedBatch, temperature: float, lm_hea
     """No-grad log-probs of the loss labels under a policy / reference / teacher model (lm_head: Run.lm_head)."""
     policy = model if isinstance(model, PackedPolicy) else PackedPolicy(model)
     hidden, weight, bias = policy(batch)
+    if batch.num_loss_tokens == 0:  # nothing to score (the forward still ran: FSDP's all-gathers pair up)
+        release_root(policy)
+        return hidden.new_zeros(0, dtype=torch.float32)
     logp = ops.token_logprobs_linear(
         hidden, weight, batch.loss_labels, bias=bias, temperature=temperature, **(lm_head or {})
     )

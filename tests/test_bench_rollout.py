@@ -58,6 +58,29 @@ def test_bench_e2e_our_step_trains(tiny):
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+def test_bench_e2e_shared_prefix_is_the_same_step(tiny):
+    """ours and ours-noshare sample the same rollouts from the same weights and compute the same loss; sharing only
+    cuts the tokens the update computes. Long-prompt problems share a few-shot context within the asked size."""
+    from benches import bench_e2e as b
+
+    path, _, _ = tiny
+    args = argparse.Namespace(max_new_tokens=6, group_size=3, lr=1e-2, token_budget=2048)
+    probs = b.make_problems(2, seed=0, prompt_len=200)
+    context = probs[0]["question"].rsplit("\n", 1)[0]  # worked examples, then the question
+    assert context.startswith("Q: ") and all(p["question"].startswith(context) for p in probs)
+    assert max(len(p["question"]) for p in probs) <= 200 - 3  # + the template's 3 tokens
+    for include_probes in (False, True):  # single turn; 3-turn dialogues share their first prompt only
+        out = {}
+        for share in (True, False):
+            model, tok = b.load_model(path, dtype=torch.float32, device=torch.device("cpu"))
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+            out[share] = b.our_step(model, tok, opt, probs, args, include_probes, step=0, share=share)
+        assert out[True]["trained_tokens"] == out[False]["trained_tokens"] == out[False]["update_tokens"]
+        saved = out[False]["update_tokens"] - out[True]["update_tokens"]
+        assert saved >= sum((args.group_size - 1) * len(p["question"]) for p in probs)  # the prompt, G - 1 times
+        assert abs(out[True]["loss"] - out[False]["loss"]) <= 1e-5 * abs(out[False]["loss"]) + 1e-7
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is in the bench extra")
 def test_bench_e2e_trl_runs(tiny):

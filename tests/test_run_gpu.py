@@ -89,7 +89,14 @@ def test_environment_records_missing_peers(monkeypatch):
 
 def test_plan_headline_and_smoke():
     full = G.plan(smoke=False, python="py")
-    assert [s.name for s in full] == ["gpu tests", "bench_loss", "bench_linear_loss", "bench_packing", "bench_sampling"]
+    assert [s.name for s in full] == [
+        "gpu tests",
+        "bench_loss",
+        "bench_linear_loss",
+        "bench_packing",
+        "bench_sampling",
+        "bench_e2e",
+    ]
     assert all("--smoke" not in s.argv for s in full)  # headline sizes: the benches' GPU defaults
     assert full[0].argv[:6] == ["py", "-m", "pytest", "-q", "-m", "gpu"] and full[0].argv[-1] == "tests"
     assert all("--smoke" in s.argv for s in G.plan(smoke=True)[1:])

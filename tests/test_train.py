@@ -65,6 +65,7 @@ def test_end_to_end_both_stages(e2e_run):
         "t_rollout",
         "t_logp",
         "t_update",
+        "update_tokens",
         "loss",
     ):
         assert key in grpo[0], key
@@ -165,7 +166,7 @@ def test_zero_step_stages_reuse_the_eval_of_their_weights(tmp_path, monkeypatch)
     assert "untrained_acc_id" not in summary and "final_acc_id" in summary
 
 
-def test_cli_main_runs(tmp_path):
+def test_cli_main_runs(tmp_path, capsys):
     summary = T.main(
         [
             "--preset",
@@ -181,6 +182,7 @@ def test_cli_main_runs(tmp_path):
         ]
     )
     assert Path(summary["run_dir"]) == tmp_path / "cli"
+    assert "| share_prefix on |" in capsys.readouterr().out  # the run header says how GRPO batches are packed
 
 
 def test_fsdp2_two_processes_gloo(tmp_path):
@@ -231,15 +233,17 @@ def policy_and_ref(tmp_path_factory):
     return T.PackedPolicy(policy), ref.requires_grad_(False)
 
 
-def _one_update(policy, ref, seqs, advantages, budget, loss_cfg, *, step_norm=True):
-    """Loss and grads of one GRPO update of `seqs` packed under `budget` (on-policy, KL to ref)."""
-    packed = T.pack_sequences(seqs, budget)
+def _one_update(policy, ref, seqs, advantages, budget, loss_cfg, *, step_norm=True, groups=None, old=False):
+    """Loss and grads of one GRPO update of `seqs` packed under `budget` (KL to ref; on-policy unless `old`: then
+    old log-probs from a no-grad pass of the policy itself, as grpo.updates_per_batch > 1 takes them)."""
+    packed = T.pack_sequences(seqs, budget, groups=groups)
     norm = T.step_loss_norm(packed) if step_norm else None  # None: per-micro-batch counts, what the step norm fixes
+    none = [None] * len(packed)
     with torch.no_grad():
         refs = [T._logp(ref, b, 1.0) for b in packed]
-    none = [None] * len(packed)
+        olds = [T._logp(policy, b, 1.0) for b in packed] if old else none
     live = [True] * len(packed)
-    loss, _ = T.policy_loss_backward(policy, packed, advantages, none, refs, none, live, norm, loss_cfg, 1.0)
+    loss, _ = T.policy_loss_backward(policy, packed, advantages, olds, refs, none, live, norm, loss_cfg, 1.0)
     grads = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad(set_to_none=True)
     return loss, grads, len(packed)
@@ -271,3 +275,128 @@ def test_step_loss_does_not_depend_on_packing(policy_and_ref, loss_agg):
     for a, b in zip(grads_split, grads_whole):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert (naive - whole).abs() > 1e-3 * whole.abs()  # per-micro-batch normalisers make the loss packing-dependent
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared prefixes: every GRPO forward packs a group's prompt once; the step's loss and gradients do not change
+
+
+def _grpo_like(g, spec):
+    """Rollout-like (ids, loss_mask) per sample and its group: a shared prompt, then sampled tokens (some not trained
+    on: a closing end-of-turn, a template tail), spec = [(prompt_len, [continuation lengths])]."""
+    seqs, groups = [], []
+    for gid, (lp, conts) in enumerate(spec):
+        prompt = torch.randint(3, 60, (lp,), generator=g).tolist()
+        for n in conts:
+            cont = torch.randint(3, 60, (n,), generator=g).tolist()
+            seqs.append((prompt + cont, [False] * lp + (torch.rand(n, generator=g) < 0.85).tolist()))
+            groups.append(gid)
+    return seqs, groups
+
+
+@pytest.mark.parametrize(
+    "loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+)
+@pytest.mark.parametrize("budget", [4096, 70])  # one micro-batch; groups split across micro-batches
+def test_shared_prefix_step_equals_unshared(policy_and_ref, loss_agg, budget):
+    """One GRPO update with old, reference log-probs and clipping, shared-prefix packing against packing every
+    sample whole: the same LossNorm, loss and gradients (fp32), with fewer tokens through each forward."""
+    policy, ref = policy_and_ref
+    g = torch.Generator().manual_seed(1)
+    spec = [(40, [12, 0, 25, 7]), (1, [9, 14, 3, 30]), (23, [18]), (31, [20, 22, 5, 16])]  # empty, 1-token, alone
+    seqs, groups = _grpo_like(g, spec)
+    advantages = torch.randn(len(seqs), generator=g)
+    loss_cfg = T.LossConfig(loss_agg=loss_agg, kl_beta=0.1, clip_low=0.1, clip_high=0.1)
+    whole_packed = T.pack_sequences(seqs, budget)
+    shared_packed = T.pack_sequences(seqs, budget, groups=groups)
+    assert T.step_loss_norm(shared_packed) == T.step_loss_norm(whole_packed)
+    assert sum(b.num_tokens for b in shared_packed) < 0.75 * sum(b.num_tokens for b in whole_packed)
+    with T.ops.backend("reference"):
+        policy.model.model.layers[0].mlp.down_proj.weight.data.mul_(1.01)  # old != current: clipping comes into play
+        whole, grads_whole, _ = _one_update(policy, ref, seqs, advantages, budget, loss_cfg, old=True)
+        shared, grads_shared, n = _one_update(policy, ref, seqs, advantages, budget, loss_cfg, old=True, groups=groups)
+    assert n > 1 if budget == 70 else n == 1
+    assert whole.abs() > 1e-3
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-7)
+    for (name, _), a, b in zip(policy.named_parameters(), grads_shared, grads_whole):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _shared_prefix_worker(rank: int, world: int, tmp: str, ckpt: str, ref_ckpt: str):
+    """One rank of test_shared_prefix_two_processes: FSDP2-sharded policy, rank-specific groups whose micro-batch
+    counts differ between ranks and between the two packings; full gradients of both packings saved."""
+    import torch.distributed as dist
+
+    from exgrpo_fast.model.loading import load_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        model, _ = load_model(ckpt)
+        ref, _ = load_model(ref_ckpt)
+        ref.requires_grad_(False)
+        from exgrpo_fast.model.student import shard
+
+        policy = shard(T.PackedPolicy(model), torch.float32, torch.device("cpu"), world)
+        g = torch.Generator().manual_seed(10 + rank)
+        spec = [(30, [10, 14, 0, 8]), (12, [25, 20, 19])] if rank == 0 else [(45, [6, 9, 3, 11]), (2, [7, 8])]
+        seqs, groups = _grpo_like(g, spec)
+        advantages = torch.randn(len(seqs), generator=g)
+        loss_cfg = T.LossConfig(kl_beta=0.1)
+        out = {}
+        for name, grp in (("whole", None), ("shared", groups)):
+            packed = T.pack_sequences(seqs, 64, groups=grp)
+            counts = T.step_counts(packed, world, torch.device("cpu"))  # the global normaliser and micro-batch count
+            norm, n_pad = counts.norm, counts.micro_batches - len(packed)
+            batches = packed + packed[-1:] * n_pad
+            live = [True] * len(packed) + [False] * n_pad
+            none = [None] * len(batches)
+            with torch.no_grad():
+                refs = [T._logp(ref, b, 1.0) for b in batches]
+                olds = [T._logp(policy, b, 1.0) for b in batches]
+            with T.ops.backend("reference"):
+                loss, _ = T.policy_loss_backward(
+                    policy, batches, advantages, olds, refs, none, live, norm, loss_cfg, 1.0, loss_scale=float(world)
+                )
+            grads = {k: p.grad.full_tensor().clone() for k, p in policy.named_parameters()}
+            policy.zero_grad(set_to_none=True)
+            out[name] = {"loss": loss.item(), "grads": grads, "micro_batches": len(packed),
+                         "tokens": sum(b.num_tokens for b in packed)}  # fmt: skip
+        torch.save(out, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_shared_prefix_two_processes(tmp_path, policy_and_ref):
+    """2 gloo processes, FSDP2: with ranks packing different micro-batch counts (padding micro-batches keep the
+    collectives in step), the shared-prefix update's loss and gradients equal the unshared update's on each rank."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    from exgrpo_fast.model.tiny import create_tiny_checkpoint
+
+    ckpt = create_tiny_checkpoint(tmp_path / "policy", preset="tiny", seed=7)
+    ctx = mp.start_processes(_shared_prefix_worker, args=(2, str(tmp_path), str(ckpt), TEACHER), nprocs=2,
+                             join=False, start_method="spawn")  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail("ranks did not finish within 240 s (deadlock?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    out = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    counts = [(o["whole"]["micro_batches"], o["shared"]["micro_batches"]) for o in out]
+    assert len({c for pair in counts for c in pair}) > 1, counts  # padding micro-batches were needed
+    for o in out:
+        assert o["shared"]["tokens"] < o["whole"]["tokens"]
+        assert abs(o["shared"]["loss"] - o["whole"]["loss"]) <= 1e-5 * abs(o["whole"]["loss"]) + 1e-7
+        for k, want in o["whole"]["grads"].items():
+            torch.testing.assert_close(o["shared"]["grads"][k], want, rtol=1e-4, atol=1e-7)
+    # the gradient is the global one: both ranks hold the same full gradient
+    for k, want in out[0]["shared"]["grads"].items():
+        torch.testing.assert_close(out[1]["shared"]["grads"][k], want, rtol=1e-5, atol=1e-8)
