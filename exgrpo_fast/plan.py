@@ -317,22 +317,32 @@ def _model_loader(path: Path, device: torch.device, backend: str, fake: bool):
     return loader
 
 
-def _sequences(shape: PlanShape, vocab: int, n: int) -> list[tuple[list[int], list[bool]]]:
+def _sequences(shape: PlanShape, vocab: int, n: int, group_size: int) -> list[tuple[list[int], list[bool]]]:
+    """n dialogues of shape.seq_len tokens, the loss on their last loss_tokens; each run of group_size of them
+    shares its prompt (GRPO's samples of one problem), everything after it differs."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (shape.seq_len,), generator=g).tolist()
-    mask = [False] * (shape.seq_len - shape.loss_tokens) + [True] * shape.loss_tokens
-    return [(ids, mask)] * n
+    seqs = []
+    for i in range(n):
+        if i % group_size == 0:
+            prompt = torch.randint(0, vocab, (shape.prompt_tokens,), generator=g).tolist()
+        rest = torch.randint(0, vocab, (shape.seq_len - shape.prompt_tokens,), generator=g).tolist()
+        mask = [False] * (shape.seq_len - shape.loss_tokens) + [True] * shape.loss_tokens
+        seqs.append((prompt + rest, mask))
+    return seqs
 
 
-def _micro_batches(shape: PlanShape, vocab: int, per_rank: int, budget: int):
-    """(the first two micro-batches of a pass of per_rank sequences, the pass's micro-batch count, sequences)."""
+def _micro_batches(shape: PlanShape, vocab: int, per_rank: int, budget: int, group_size: int = 1,
+                   share_prefix: bool = False):  # fmt: skip
+    """(the first two micro-batches of a pass over this rank's per_rank dialogues, packed as the trainer packs them,
+    the pass's micro-batch count, the number of dialogues in the two)."""
     from exgrpo_fast.data.packing import pack_sequences
 
     if shape.seq_len > budget:
         raise ConfigError(f"data.token_budget={budget}: a planned sequence has {shape.seq_len} tokens")
-    per_batch = budget // shape.seq_len
-    n = min(per_rank, 2 * per_batch)
-    return pack_sequences(_sequences(shape, vocab, n), budget), math.ceil(per_rank / per_batch), n
+    groups = [i // group_size for i in range(per_rank)] if share_prefix else None
+    packed = pack_sequences(_sequences(shape, vocab, per_rank, group_size), budget, groups=groups)
+    first = packed[:2]
+    return first, len(packed), sum(len(b.sample_index) for b in first)
 
 
 def _bytes(tensors) -> int:
@@ -419,8 +429,9 @@ def trace_step(cfg: TrainConfig, path: Path, world: int, shape: PlanShape, *, fa
         mode = resolve_grad_sync("auto", count_params(path), torch.device("cuda"), gpu_bytes)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, grad_sync=mode))
     sft_batches, n_sft, _ = _micro_batches(shape, vocab, math.ceil(cfg.sft.batch_size / world), budget)
-    grpo_batches, n_grpo, n_seqs = _micro_batches(shape, vocab, math.ceil(cfg.grpo.problems_per_step / world) * G,
-                                                  budget)  # fmt: skip
+    grpo_batches, n_grpo, _ = _micro_batches(shape, vocab, math.ceil(cfg.grpo.problems_per_step / world) * G, budget,
+                                             G, cfg.grpo.share_prefix)  # fmt: skip
+    n_seqs = 1 + max(int(i) for b in grpo_batches for i in b.sample_index.tolist())
     sft_batches, grpo_batches = [b.to(device) for b in sft_batches], [b.to(device) for b in grpo_batches]
     head = {"chunk_size": cfg.model.lm_head_chunk_size, "fp32_logits": cfg.model.lm_head_fp32_logits}
     tracker = _tracker_class()()

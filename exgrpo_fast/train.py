@@ -510,7 +510,7 @@ def sft_step(run: Run, step: int, update: OptimizerStep) -> dict:
         loss = -logp.sum() / total * (1.0 if i < len(batches) else 0.0)
         (loss * run.student.loss_scale).backward()
         loss_sum += loss.detach()
-        flops += 3 * forward_flops(run.flop_shape, batch.seq_lens, batch.num_loss_tokens)
+        flops += 3 * forward_flops(run.flop_shape, batch.seq_lens, batch.num_loss_tokens, batch.seq_lens_k)
     update(loss_sum)
     return {"loss": loss_sum, "tokens": sum(b.num_loss_tokens for b in batches), "flops": flops}
 
@@ -631,9 +631,9 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
             ref = [None] * len(batches)
         tch = [_logp(frozen.teacher, b, temperature, head) if frozen.teacher is not None else None for b in batches]
     for b in packed:
-        flops += forward_flops(run.flop_shape, b.seq_lens, b.num_loss_tokens) * (
-            (U > 1) + (cfg.loss.kl_beta > 0) + 3 * U
-        ) + (forward_flops(frozen.teacher_shape, b.seq_lens, b.num_loss_tokens) if frozen.teacher is not None else 0)
+        args = (b.seq_lens, b.num_loss_tokens, b.seq_lens_k)
+        flops += forward_flops(run.flop_shape, *args) * ((U > 1) + (cfg.loss.kl_beta > 0) + 3 * U)
+        flops += forward_flops(frozen.teacher_shape, *args) if frozen.teacher is not None else 0.0
     t_logp = _timer(device) - t1
     # ---- policy update(s): fused LM head + clipped loss over the packed micro-batches
     t2 = time.perf_counter()

@@ -419,6 +419,8 @@ def test_flops_match_a_hand_count(tiny):
     lens, loss_rows = [7, 12, 3], 9
     want = 2 * body * 22 + 4 * L * H * (49 + 144 + 9) + 2 * V * H * loss_rows
     assert forward_flops(shape, lens, loss_rows) == want
+    # a shared prompt of 5 and two continuations of 3 and 4 tokens attending to it: 5x5 + 3x8 + 4x9 attention pairs
+    assert forward_flops(shape, [5, 3, 4], 6, [5, 8, 9]) == 2 * body * 12 + 4 * L * H * (25 + 24 + 36) + 2 * V * H * 6
     assert peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.4e12
     assert peak_flops("NVIDIA H100 PCIe", torch.bfloat16) == 756.0e12
     assert peak_flops("NVIDIA A100-SXM4-80GB", torch.float32) == 19.5e12

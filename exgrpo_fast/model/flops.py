@@ -2,9 +2,10 @@
 
 Forward FLOPs of a packed micro-batch (sequences of lengths n_i, N_loss rows that reach the LM head):
     2 * P_body * sum_i n_i                 every matmul of the decoder (P_body = weights of its linear layers)
-  + 4 * L * d_attn * sum_i n_i^2           attention scores and their weighted sum (QK^T and AV), each n_i x n_i x
-                                           d_attn per layer, d_attn = heads x head_dim (not halved for causality,
-                                           torchtitan's convention: it is what a dense kernel computes)
+  + 4 * L * d_attn * sum_i q_i k_i          attention scores and their weighted sum (QK^T and AV), each q_i x k_i x
+                                           d_attn per layer for a segment of q_i queries over k_i keys (q_i = k_i =
+                                           n_i without shared prompts), d_attn = heads x head_dim (not halved for
+                                           causality, torchtitan's convention: it is what a dense kernel computes)
   + 2 * P_head * N_loss                    the LM head (run on the loss rows only: the fused loss never computes
                                            logits elsewhere, so no other row counts)
 A backward is twice its forward (fwd + bwd = 3 x fwd, the 6N rule). The embedding lookup and the norms are not
@@ -42,10 +43,13 @@ class FlopShape:
         return cls(body, head_params, config.num_hidden_layers, config.num_attention_heads * head_dim)
 
 
-def forward_flops(shape: FlopShape, seq_lens: list[int] | tuple[int, ...], loss_rows: int) -> float:
-    """Forward FLOPs of one packed micro-batch (see the module docstring)."""
+def forward_flops(
+    shape: FlopShape, seq_lens: list[int] | tuple[int, ...], loss_rows: int, key_lens: list[int] | tuple[int, ...] = ()
+) -> float:
+    """Forward FLOPs of one packed micro-batch (see the module docstring); key_lens: each segment's keys when they
+    differ from its queries (a shared prompt's continuations: PackedBatch.seq_lens_k)."""
     tokens = sum(seq_lens)
-    squares = sum(n * n for n in seq_lens)
+    squares = sum(q * k for q, k in zip(seq_lens, key_lens or seq_lens))
     return (
         2.0 * shape.body_params * tokens
         + 4.0 * shape.layers * shape.attn_width * squares
