@@ -1,7 +1,7 @@
 """torchrun with 2 CPU processes (gloo, FSDP2) cannot deadlock: ranks that pack different numbers of micro-batches
 (an odd SFT batch, rollouts whose lengths differ between ranks, a small token budget) and whose samplers stop at
-different decode steps still run every collective in step. The run must finish all its steps and its SFT loss must
-follow the one-process run's (same global batches; the per-rank normalisation differs slightly)."""
+different decode steps still run every collective in step. The run must finish all its steps and its SFT losses
+must be the one-process run's (same global batches, one normaliser across ranks, summed gradients) to 1e-4."""
 
 import json
 import os
@@ -35,8 +35,9 @@ def test_two_processes_gloo_match_one_process(tmp_path):
     sft1, sft2 = rows(tmp_path / "one", "sft"), rows(tmp_path / "two", "sft")
     grpo2 = rows(tmp_path / "two", "grpo")
     assert len(sft2) == 4 and len(grpo2) == 6 and all(r["skipped"] == 0 for r in sft2 + grpo2)
-    for a, b in zip(sft1, sft2):  # same global batch each step: the loss curves agree closely
-        assert abs(a["loss"] - b["loss"]) <= 0.02 * a["loss"], (a["step"], a["loss"], b["loss"])
+    print("sft loss, 1 process vs 2 ranks:", [(round(a["loss"], 6), round(b["loss"], 6)) for a, b in zip(sft1, sft2)])
+    for a, b in zip(sft1, sft2):  # same global batch, one normaliser, summed gradients: the same losses (float order)
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * a["loss"], (a["step"], a["loss"], b["loss"])
     assert sft2[-1]["loss"] < sft2[0]["loss"]
     assert all(abs(r["loss"]) < 1e3 and r["grad_norm"] == r["grad_norm"] for r in grpo2)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
