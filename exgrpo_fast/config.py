@@ -286,6 +286,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     positive("model.lora_rank", cfg.model.lora_rank, zero_ok=True)
     positive("model.lora_alpha", cfg.model.lora_alpha)
     if cfg.model.lora_rank > 0:
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            _fail("model.lora_rank", cfg.model.lora_rank, "LoRA needs peft: pip install -e '.[lora]'")
         if not cfg.model.lora_targets:
             _fail("model.lora_targets", cfg.model.lora_targets, "expected at least one module name or 'all-linear'")
         head = {"lm_head", "embed_tokens", "embed_out", "output"} & set(cfg.model.lora_targets)

@@ -91,8 +91,6 @@ class PhasePeak:
 
 
 def _tracker_class():
-    from functools import partial
-
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 
     class PhaseTracker(MemTracker):

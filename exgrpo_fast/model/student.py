@@ -123,7 +123,7 @@ def shard(policy: PackedPolicy, compute: torch.dtype, device: torch.device, worl
 def _lora_config(mcfg):
     try:
         from peft import LoraConfig
-    except ImportError as e:  # pragma: no cover - validate_run checks this first
+    except ImportError as e:  # pragma: no cover - config.validate checks this first
         raise ConfigError("model.lora_rank > 0 needs peft: pip install -e '.[lora]'") from e
     targets = list(mcfg.lora_targets)
     return LoraConfig(
