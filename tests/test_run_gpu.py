@@ -99,7 +99,9 @@ def test_plan_headline_and_smoke():
     ]
     assert all("--smoke" not in s.argv for s in full)  # headline sizes: the benches' GPU defaults
     assert full[0].argv[:6] == ["py", "-m", "pytest", "-q", "-m", "gpu"] and full[0].argv[-1] == "tests"
-    assert all("--smoke" in s.argv for s in G.plan(smoke=True)[1:])
+    smoke = G.plan(smoke=True)
+    assert all("--smoke" in s.argv for s in smoke[1:] if s.name != "bench_e2e")
+    assert "tiny" in smoke[-1].argv and "gpu-0.5b" in full[-1].argv  # bench_e2e spells its smoke sizes out
     assert "--max-seconds" in full[2].argv  # a bench that can stop itself gets its cap
     # the budget holds by construction: planned times (the caps) plus a margin each fit the 10-minute budget
     G.check_budget(full, G.BUDGET_S)
