@@ -294,18 +294,21 @@ def _patches():
 
 
 def _model_loader(path: Path, device: torch.device, backend: str, fake: bool):
-    """loader(dtype, attn_dtype) -> (model, None) building the HF model from DIR/config.json (fake: no weights read),
-    or loading it with its weights (a real run)."""
+    """loader(dtype, attn_dtype, keep_on_host=False) -> (model, None) building the HF model from DIR/config.json
+    (fake: no weights read), or loading it with its weights (a real run)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from exgrpo_fast.model.attention import IMPLEMENTATION, bind_backend
     from exgrpo_fast.model.loading import load_model
 
-    def loader(dtype: torch.dtype, attn_dtype: torch.dtype):
+    def loader(dtype: torch.dtype, attn_dtype: torch.dtype, keep_on_host: bool = False):
         if not fake:
             auto = "auto" if device.type == "cuda" else "sdpa_ref"
-            model, _ = load_model(path, dtype=dtype, device=device, attn_backend=auto, attn_dtype=attn_dtype)
+            model, _ = load_model(path, dtype=dtype, device=device, attn_backend=auto, attn_dtype=attn_dtype,
+                                  keep_on_host=keep_on_host)  # fmt: skip
             return model, None
+        # keep_on_host: a fake trace has one device, so the host copy a sharded student loads is counted as if it
+        # were on the GPU: the model phase is an upper bound of the load (never the step's peak: tests/test_plan.py)
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         config._attn_implementation = IMPLEMENTATION
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=IMPLEMENTATION)

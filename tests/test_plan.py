@@ -104,6 +104,8 @@ def test_plan_a_7b_student_from_a_bare_config():
     grpo = out["phases"]["grpo"]["components"]
     assert grpo["parameters"] == 2 * out["params"]  # the bf16 sampler copy on every GPU
     assert grpo["frozen models"] == 2 * out["params"]  # the bf16 reference
+    phases = {k: v["total"] for k, v in out["phases"].items()}
+    assert phases["model"] < phases["grpo"]  # loading (its host copy counted as if on the GPU) is not the peak
 
 
 def test_plan_user_errors(tmp_path):

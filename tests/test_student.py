@@ -210,6 +210,34 @@ def test_sampler_copy_follows_the_masters(tiny, one_process_group):
     assert ptrs == [p.data_ptr() for p in student.sampler.parameters()]  # refreshed in place: graphs stay valid
 
 
+def test_sharded_student_reaches_the_device_one_layer_at_a_time(tiny, one_process_group, monkeypatch):
+    """A sharded student's float32 weights load on the host (load_model keep_on_host) and FSDP2's fully_shard moves
+    them to the device as it shards: one decoder layer per call, then the root's rest, never the whole model (a 7B
+    student would put 28 GiB on every GPU first); the sampler's copy loads after the host copy is gone. On a CPU the
+    move itself is a no-op, so this checks the calls that make it on a GPU."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_init
+
+    events = []
+    move, load = _fsdp_init._move_states_to_device, S.load_model
+
+    def recording_move(params, buffers, device):
+        events.append(("move", sum(p.numel() * p.element_size() for p in params)))
+        return move(params, buffers, device)
+
+    def recording_load(*args, keep_on_host=False, **kwargs):
+        events.append(("load", kwargs["dtype"], keep_on_host))
+        return load(*args, keep_on_host=keep_on_host, **kwargs)
+
+    monkeypatch.setattr(_fsdp_init, "_move_states_to_device", recording_move)
+    monkeypatch.setattr(S, "load_model", recording_load)
+    student = S.load_student(tiny, model_cfg(dtype="bfloat16"), torch.device("cpu"), 1)
+    assert events[0] == ("load", torch.float32, True) and events[-1] == ("load", torch.bfloat16, False)
+    layers = S.decoder_layers(student.sampler)
+    layer_bytes = 4 * sum(p.numel() for p in layers[0].parameters())
+    total = 4 * sum(p.numel() for p in student.sampler.parameters())
+    assert events[1:-1] == [("move", layer_bytes)] * len(layers) + [("move", total - len(layers) * layer_bytes)]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # one normaliser across ranks
 

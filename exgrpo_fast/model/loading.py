@@ -165,10 +165,13 @@ def load_model(
     attn_backend: str = "auto",
     attn_dtype: torch.dtype | None = None,
     deterministic: bool = False,
+    keep_on_host: bool = False,
 ):
     """(model, tokenizer) from a local checkpoint directory, in `dtype` on `device`, with the packed attention
     implementation (backend chosen by `attn_backend`: "auto" or one of model.attention.BACKENDS, for the dtype the
-    attention runs in: `attn_dtype`, default `dtype`; float32 master weights computing in bf16 pass bf16)."""
+    attention runs in: `attn_dtype`, default `dtype`; float32 master weights computing in bf16 pass bf16).
+    keep_on_host: the weights stay in host memory, the backend is still the one for `device` (a model about to be
+    sharded: FSDP2's fully_shard moves each module's weights to the device as it shards them)."""
     path = check_model_dir(path)
     tokenizer = load_tokenizer(path)
     backend = select_backend(device, attn_backend, dtype=attn_dtype or dtype)
@@ -178,7 +181,8 @@ def load_model(
         )
     except (OSError, ValueError) as e:  # an architecture transformers does not know, weights that don't fit, ...
         raise ModelError(f"cannot load the model in {path}: {type(e).__name__}: {e}") from e
-    model = model.to(device)
+    if not keep_on_host:
+        model = model.to(device)
     bind_backend(model, backend, deterministic=deterministic)
     n_embed = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embed:

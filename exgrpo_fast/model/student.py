@@ -311,18 +311,18 @@ def load_student(
     mesh=None,
 ) -> Student:  # fmt: skip
     """Build the student from the HF checkpoint `path` as `mcfg` (the config's model section) says. resume_from: a
-    checkpoint dir whose float32 masters / adapters replace what `path` holds (a resume). loader(dtype, attn_dtype)
-    -> (model, tokenizer) replaces the load from `path` (the memory plan builds models from a config on fake
-    tensors); mesh: the FSDP2 device mesh (default: `world` ranks of the device type)."""
+    checkpoint dir whose float32 masters / adapters replace what `path` holds (a resume). loader(dtype, attn_dtype,
+    keep_on_host=False) -> (model, tokenizer) replaces the load from `path` (the memory plan builds models from a
+    config on fake tensors); mesh: the FSDP2 device mesh (default: `world` ranks of the device type)."""
     compute = getattr(torch, mcfg.dtype)
     lora = mcfg.lora_rank > 0
     sharded = needs_process_group(mcfg, world)
     if loader is None:
 
-        def loader(dtype: torch.dtype, attn_dtype: torch.dtype):
+        def loader(dtype: torch.dtype, attn_dtype: torch.dtype, keep_on_host: bool = False):
             return load_model(
                 path, dtype=dtype, device=device, attn_backend=mcfg.attn_backend, attn_dtype=attn_dtype,
-                deterministic=mcfg.deterministic,
+                deterministic=mcfg.deterministic, keep_on_host=keep_on_host,
             )  # fmt: skip
 
     if lora:
@@ -338,7 +338,9 @@ def load_student(
             _copy_named(trainable, _load_tensors(file), file)
         return Student(model, PackedPolicy(model), model, tokenizer, compute, world, False, True,
                        base_path=str(path), flop_shape=FlopShape.of(model))  # fmt: skip
-    model, tokenizer = loader(MASTER_DTYPE if sharded else compute, compute)
+    # A sharded student's float32 weights stay on the host until shard(): fully_shard moves one decoder layer at a
+    # time to the device (a 7B student would otherwise hold its whole 28 GiB float32 copy on every GPU first).
+    model, tokenizer = loader(MASTER_DTYPE, compute, keep_on_host=True) if sharded else loader(compute, compute)
     if resume_from is not None and (Path(resume_from) / MASTER_FILE).is_file():
         file = Path(resume_from) / MASTER_FILE
         _copy_named(dict(model.named_parameters()), _load_tensors(file), file)
@@ -348,9 +350,9 @@ def load_student(
     shape = FlopShape.of(model)
     if not sharded:
         return Student(model, policy, model, tokenizer, compute, world, False, False, flop_shape=shape)
-    sampler, _ = loader(compute, compute)
-    sampler.requires_grad_(False).eval()
     shard(policy, compute, device, world, mesh)
+    sampler, _ = loader(compute, compute)  # after shard(): the host copy is gone before the sampler's arrives
+    sampler.requires_grad_(False).eval()
     names = dict(sampler.named_parameters())
     grad_sync = resolve_grad_sync(mcfg.grad_sync, sum(p.numel() for p in model.parameters()), device)
     student = Student(model, policy, sampler, tokenizer, compute, world, True, False, grad_sync=grad_sync,
