@@ -277,6 +277,8 @@ def test_config_toml_flags_and_errors(tmp_path: Path):
     assert cfg.data.train_path == "x.npz"
     cfg = parse_args(["--config", str(f), "--select.target_sparsity", "0.3", "--log.out_dir", "/tmp/d"])
     assert cfg.select.target_sparsity == 0.3 and cfg.log.out_dir == "/tmp/d"
+    assert cfg.log.progress == "auto"  # bars only on a terminal, as the trainer's log.progress
+    assert parse_args(["--log.progress", "false", "--log.plot", "FALSE"]).log.progress is False  # trainer booleans
     with pytest.raises(ConfigError, match="select.target_sparsity=1.5"):
         parse_args(["--select.target_sparsity", "1.5"])
     f.write_text("[kd]\nrationale_wieght = 2\n")

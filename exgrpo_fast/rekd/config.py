@@ -149,8 +149,9 @@ class LogConfig:
     """Examples shown in the rationale pictures."""
     plot: bool = True
     """Write plot.png of the training curves at the end."""
-    progress: bool = True
-    """Show tqdm progress bars."""
+    progress: bool | Literal["auto"] = "auto"
+    """tqdm progress bars: "auto" (default) draws them only when stderr is a terminal (as the trainer's log.progress),
+    true / false always / never."""
 
 
 def _teacher_enc() -> EncoderConfig:
@@ -350,6 +351,8 @@ def parse_args(argv: list[str] | None = None) -> REKDConfig:
     """Config from task preset < --config TOML < CLI flags, validated."""
     import tyro
 
+    from exgrpo_fast.config import _REGISTRY  # booleans as the trainer takes them: true/false in any case
+
     argv = sys.argv[1:] if argv is None else list(argv)
     toml_path = _pre_scan(argv, "--config")
     task = _pre_scan(argv, "--task")
@@ -371,6 +374,7 @@ def parse_args(argv: list[str] | None = None) -> REKDConfig:
         description=__doc__.split("\n\n")[0],
         use_underscores=True,
         config=(tyro.conf.FlagConversionOff,),
+        registry=_REGISTRY,
     )
     return validate(cfg)
 

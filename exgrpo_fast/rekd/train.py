@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from exgrpo_fast.checkpoint import numpy_rng_state, safe_load, set_numpy_rng_state
 from exgrpo_fast.errors import UserError
+from exgrpo_fast.eval import bars_on
 from exgrpo_fast.rekd import data as D
 from exgrpo_fast.rundir import locked_dir
 from exgrpo_fast.rekd import model as M
@@ -362,7 +363,7 @@ def train_stage(
             return model
     train, n = prep.train, len(prep.train["labels"])
     kd = stage == "student_rekd"
-    bar = tqdm(range(start, sc.steps), desc=stage, disable=not cfg.log.progress, dynamic_ncols=True)
+    bar = tqdm(range(start, sc.steps), desc=stage, disable=not bars_on(cfg.log.progress), dynamic_ncols=True)
     t0 = time.perf_counter()
     for step in bar:
         idx = torch.randint(n, (sc.batch_size,), generator=gen)
