@@ -40,6 +40,7 @@ import pickle
 import random
 import re
 import shutil
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -129,10 +130,12 @@ def _legacy_numpy_globals() -> list:
 
 def safe_load(path: str | Path) -> dict:
     """torch.load(path, weights_only=True) on the CPU, NumPy RNG arrays of older checkpoints allowed. A file that
-    needs any other global (code) raises CheckpointError naming the path and the global; nothing of it runs."""
+    needs any other global (code) raises CheckpointError naming the path and the global; nothing of it runs.
+    Memory-mapped (torch.save's zip format; anything else is read plainly): the ranks of a resumed run share one copy
+    of the file's pages (a 7B student's optimizer states are 61 GB) and read the pages they touch."""
     try:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         lines = [x.strip() for x in str(e).splitlines() if x.strip()]
         why = next((x for x in lines if "GLOBAL" in x or "global" in x), lines[-1] if lines else type(e).__name__)
@@ -158,19 +161,21 @@ def _full_state(model, optimizer, model_state: dict | None = None) -> tuple[dict
         model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     osd = optimizer.state_dict() if optimizer is not None else None
     if osd is not None and _has_dtensors(v for st in osd["state"].values() for v in st.values()):
-        osd = _full_tensors(osd)
+        osd = _full_tensors(osd, keep=_rank() == 0)
     return (model_state if model_state is not None else model.state_dict()), osd
 
 
-def _full_tensors(osd: dict) -> dict:
-    """Optimizer state dict with every DTensor shard gathered to a full CPU tensor (a collective: all ranks call)."""
+def _full_tensors(osd: dict, keep: bool = True) -> dict | None:
+    """Optimizer state dict with every DTensor shard gathered to a full CPU tensor (a collective: all ranks call).
+    keep=False: take part in the gathers and return None (the ranks that do not write: AdamW's states of a 7B
+    student are 61 GB, which 8 ranks would otherwise each hold in host memory)."""
     from torch.distributed.tensor import DTensor
 
-    state = {
-        idx: {k: (v.full_tensor().cpu() if isinstance(v, DTensor) else v) for k, v in st.items()}
-        for idx, st in osd["state"].items()
-    }
-    return {**osd, "state": state}
+    state = {}
+    for idx, st in osd["state"].items():
+        full = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in st.items()}
+        state[idx] = {k: v.cpu() for k, v in full.items()} if keep else None
+    return {**osd, "state": state} if keep else None
 
 
 def _shard_like(osd: dict, optimizer) -> dict:

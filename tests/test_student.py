@@ -238,6 +238,29 @@ def test_sharded_student_reaches_the_device_one_layer_at_a_time(tiny, one_proces
     assert events[1:-1] == [("move", layer_bytes)] * len(layers) + [("move", total - len(layers) * layer_bytes)]
 
 
+def test_only_the_writing_rank_keeps_the_gathered_checkpoint(tiny, one_process_group, monkeypatch):
+    """A save gathers the float32 masters and AdamW's states on every rank (collectives), but only rank 0, which
+    writes, keeps them in host memory: 8 ranks of a 7B student would otherwise each hold 28 + 61 GB."""
+    from exgrpo_fast import checkpoint as ckpt_lib
+
+    student = S.load_student(tiny, model_cfg(dtype="bfloat16"), torch.device("cpu"), 1)
+    optimizer, _ = T.make_optimizer(student.model, C.preset_test(), 1e-3, 0, 1)
+    with ops.backend("reference"):
+        b = batch(student.tokenizer)[0]
+        student.micro_batch(last=True)
+        hidden, weight, bias = student.policy(b)
+        (-ops.token_logprobs_linear(hidden, weight, b.loss_labels).sum()).backward()
+    T.OptimizerStep(student, optimizer, grad_clip=1.0)(torch.zeros(()))
+    _, _, files = student.export()
+    _, osd = ckpt_lib._full_state(student.model, optimizer)
+    n = sum(1 for _ in student.model.parameters())
+    assert len(files[S.MASTER_FILE]) == n and len(osd["state"]) == n  # rank 0: everything, full tensors
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(ckpt_lib, "_rank", lambda: 1)
+    _, _, files = student.export()
+    assert files[S.MASTER_FILE] == {} and ckpt_lib._full_state(student.model, optimizer)[1] is None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # one normaliser across ranks
 

@@ -204,7 +204,7 @@ class Student:
         """What a checkpoint writes: (HF module to save_pretrained, its state dict or None = the module's own, extra
         tensor files {file name: tensors}). The HF export is in the compute dtype; the float32 masters (sharded full
         fine-tune in a half dtype) or adapters (LoRA) go to extra files so that a resume is bit-exact. Every rank
-        must call (FSDP gathers); tensors are on the CPU."""
+        must call (FSDP gathers); tensors are on the CPU, the gathered masters on rank 0 only (it writes)."""
         if self.lora:
             adapters = {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
             return (
@@ -216,7 +216,7 @@ class Student:
             return self.model, None, {}
         files = {}
         if self.compute_dtype != MASTER_DTYPE:
-            files[MASTER_FILE] = full_parameters(self.model)
+            files[MASTER_FILE] = full_parameters(self.model, keep=not dist.is_initialized() or dist.get_rank() == 0)
         return self.sampler, None, files
 
     def describe(self) -> str:
@@ -231,15 +231,18 @@ class Student:
         return f"{dt}, unsharded"
 
 
-def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_parameters(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """{name: full float32 CPU tensor} of every parameter (tied ones once), gathered from FSDP shards (a
-    collective: every rank calls; every rank gets them)."""
+    collective: every rank calls). keep=False: take part in the gathers, keep nothing and return {} (the ranks that
+    do not write a checkpoint: 8 ranks of a 7B student would otherwise each hold 28 GiB of host memory)."""
     from torch.distributed.tensor import DTensor
 
     out = {}
     for name, p in model.named_parameters():
         t = p.detach()
-        out[name] = (t.full_tensor() if isinstance(t, DTensor) else t).to("cpu", copy=True)
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        if keep:
+            out[name] = t.to("cpu", copy=True)
     return out
 
 
@@ -263,26 +266,26 @@ def merged_lora_state(peft_model, dtype: torch.dtype) -> dict[str, torch.Tensor]
     return state
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+@torch.no_grad()
+def _copy_from_file(params: dict[str, torch.nn.Parameter], path: Path) -> None:
+    """Copy the safetensors file's tensors into the parameters of the same names, one tensor in memory at a time (a
+    7B student's float32 masters are 28 GiB: the file is not read whole beside the model)."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            missing = sorted(set(params) - set(f.keys()))
+            if missing:
+                raise CheckpointError(f"{path}: no tensor for parameter {missing[0]} ({len(missing)} missing)")
+            for name, p in params.items():
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(p.shape):
+                    raise CheckpointError(f"{path}: {name} has shape {shape}, the model's is {tuple(p.shape)}")
+                p.copy_(f.get_tensor(name))
+    except CheckpointError:
+        raise
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
-
-
-@torch.no_grad()
-def _copy_named(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor], path: Path) -> None:
-    missing = sorted(set(params) - set(tensors))
-    if missing:
-        raise CheckpointError(f"{path}: no tensor for parameter {missing[0]} ({len(missing)} missing)")
-    for name, p in params.items():
-        t = tensors[name]
-        if t.shape != p.shape:
-            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}")
-        p.copy_(t)
 
 
 GRAD_SYNC_AUTO_FRACTION = 0.10
@@ -335,7 +338,7 @@ def load_student(
         if resume_from is not None and (Path(resume_from) / ADAPTER_FILE).is_file():
             file = Path(resume_from) / ADAPTER_FILE
             trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-            _copy_named(trainable, _load_tensors(file), file)
+            _copy_from_file(trainable, file)
         return Student(model, PackedPolicy(model), model, tokenizer, compute, world, False, True,
                        base_path=str(path), flop_shape=FlopShape.of(model))  # fmt: skip
     # A sharded student's float32 weights stay on the host until shard(): fully_shard moves one decoder layer at a
@@ -343,7 +346,7 @@ def load_student(
     model, tokenizer = loader(MASTER_DTYPE, compute, keep_on_host=True) if sharded else loader(compute, compute)
     if resume_from is not None and (Path(resume_from) / MASTER_FILE).is_file():
         file = Path(resume_from) / MASTER_FILE
-        _copy_named(dict(model.named_parameters()), _load_tensors(file), file)
+        _copy_from_file(dict(model.named_parameters()), file)
     if mcfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     policy = PackedPolicy(model)
