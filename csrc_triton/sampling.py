@@ -40,11 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-# exactly representable fp32 constants (so every compiler and library reads the same bits)
-_LOG_OFF = 0x3F3504F3  # bits of fp32 sqrt(1/2): the mantissa is normalised into [sqrt(1/2), sqrt(2))
-_C3, _C5, _C7, _C9 = 0.3333333432674408, 0.20000000298023224, 0.1428571492433548, 0.1111111119389534
-_LN2_HI, _LN2_LO = 0.6931381225585938, 9.058001523953862e-06  # ln 2 = hi + lo; k * hi is exact for |k| < 2^7
-_TWO_M23 = 1.1920928955078125e-07  # 2^-23
+# The kernels below write their constants as literals (a jit function reads no plain module global): the exactly
+# representable fp32 values named in exgrpo_fast/rollout/sampling.py (_LOG_OFF, _C3.._C9, _LN2_HI/_LO, _TWO_M23),
+# held to the same bits over every input by tests/test_sampling.py.
 # the largest noise value: -log(-log(1 - 2^-24)) = 16.635532...; an upper bound is all the block skip needs
 G_MAX = 16.64
 

@@ -239,7 +239,7 @@ def _tokenizer_for(cfg, model_dir: str | None):
 def validate_run(cfg, resume: str | None = None, world: int = 1) -> None:
     """Every user input of a run, checked up front (see the module docstring); raises a UserError."""
     from exgrpo_fast import checkpoint as ckpt_lib
-    from exgrpo_fast.data.splits import drop_overlap, split_test_id
+    from exgrpo_fast.data.splits import drop_overlap, require_training, split_test_id
     from exgrpo_fast.data.tasks import builtin_splits
     from exgrpo_fast.model.loading import check_model_dir
 
@@ -269,9 +269,8 @@ def validate_run(cfg, resume: str | None = None, world: int = 1) -> None:
     if files:  # what data.splits.load_data will train on: the file's rows less test_id, less held-out questions
         train, test = split_test_id(problems, cfg.data.n_test, cfg.data.seed) if cfg.data.train_path else (problems, [])
         ood_rows = held_out.get("test_ood", [])[: cfg.data.n_test] if "data.ood_path" in files else []
-        if not drop_overlap(train, {"test_id": test, "test_ood": ood_rows})[0]:
-            raise DataError(cfg.data.train_path or "built-in tasks", "", "no training problem left: every question "
-                            "is also in a held-out split (is data.ood_path the training file?)")  # fmt: skip
+        kept, _ = drop_overlap(train, {"test_id": test, "test_ood": ood_rows})
+        require_training(kept, cfg.data.train_path or "built-in tasks")
     if needs_teacher:
         if not cfg.model.teacher_path:
             raise ConfigError(f"loss.teacher_beta={cfg.loss.teacher_beta}: needs model.teacher_path")

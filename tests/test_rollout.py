@@ -382,3 +382,21 @@ def test_lean_forward_refuses_lora_layers(tokenizer):
     assert lean.supports(model)
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert not lean.supports(wrapped)
+
+
+def test_half_logits_are_not_copied_to_fp32_and_sample_the_same_tokens(tokenizer):
+    """Engine.logits hands a bf16 head's logits to the sampler as they are (it upcasts exactly while reading): no fp32
+    [B, V] copy per decode step, and the same tokens as from the upcast logits, greedy, sampled and with top-p."""
+    from exgrpo_fast.rollout.engine import Engine
+
+    model = _make_model("llama", len(tokenizer), _stop_id(tokenizer)).to(torch.bfloat16)
+    engine = Engine(model, temperature=1.0, top_p=1.0, max_new_tokens=4, stop_check_every=1, stop_ids=[0], pad_id=0)
+    hidden = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    logits = engine.logits(hidden)
+    assert logits.dtype == torch.bfloat16
+    seeds, positions = torch.arange(5) * 7919, torch.arange(5) + 11
+    for impl in ("torch", "triton"):
+        for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (0.7, 0.8)):
+            got = sample_next(logits, temperature, top_p, seeds, positions, impl=impl)
+            want = sample_next(logits.float(), temperature, top_p, seeds, positions, impl=impl)
+            assert torch.equal(got, want), (impl, temperature, top_p)

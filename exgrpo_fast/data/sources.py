@@ -411,10 +411,10 @@ def _problem(
     split: str | None,
     *,
     clean: bool = False,
-    max_chars: int = 0,
+    token_budget: int = 0,
 ) -> dict:
     """One checked problem dict from one parsed row; ValueError saying what is wrong. clean: the reader knows the
-    row holds no refused number (skips the walk); max_chars > 0: the bound on the row's text (see read_problems)."""
+    row holds no refused number (skips the walk); token_budget > 0: the row's text is bounded (see read_problems)."""
     for name in (question_field, answer_field):
         if name not in row or row[name] is None:
             raise ValueError(f"missing field {name!r}")
@@ -431,11 +431,13 @@ def _problem(
     if not rationale and extra_rationale:
         rationale = extra_rationale.strip()
     probes = _check_probes(row.get("probes"))
-    if max_chars:
+    if token_budget > 0:
+        max_chars = max_text_chars(token_budget)
         n = len(question) + len(answer) + len(rationale) + sum(len(p["question"]) + len(p["answer"]) for p in probes)
         if n > max_chars:
             raise ValueError(f"{n:,} characters of text (question, answer, rationale, probes), more than the "
-                             f"{max_chars:,} a dialogue can hold")  # fmt: skip
+                             f"{max_chars:,} a dialogue can hold (data.token_budget={token_budget} tokens of at most "
+                             f"{MAX_CHARS_PER_TOKEN} characters)")  # fmt: skip
     row_id = _text_field(row, "id", allow_int=True)
     row_split = _text_field(row, "split")
     extra = {k: v for k, v in row.items() if k not in (question_field, answer_field, "probes", "rationale")}
@@ -491,21 +493,17 @@ def read_problems(
         raise DataError(path, "", "no such file")
     if not path.is_file():
         raise DataError(path, "", "not a file")
-    max_chars = max_text_chars(token_budget) if token_budget > 0 else 0
     problems, skipped, numbers = [], [], array("q")
     unit, reads = _read_rows(path)
     for i, (number, row, clean) in enumerate(reads):
         if not isinstance(row, DataError):
             try:
                 problems.append(_problem(row, i, path, question_field, answer_field, split, clean=clean,
-                                         max_chars=max_chars))  # fmt: skip
+                                         token_budget=token_budget))  # fmt: skip
                 numbers.append(number)
                 continue
             except ValueError as e:
-                why = str(e)
-                if max_chars and why.endswith("a dialogue can hold"):
-                    why += f" (data.token_budget={token_budget} tokens of at most {MAX_CHARS_PER_TOKEN} characters)"
-                row = DataError(path, f"{unit} {number}", why)
+                row = DataError(path, f"{unit} {number}", str(e))
         if on_error == "raise":
             raise row
         skipped.append(row)

@@ -30,7 +30,7 @@ from exgrpo_fast.errors import DataError
 if TYPE_CHECKING:
     from exgrpo_fast.config import TrainConfig
 
-__all__ = ["drop_overlap", "duplicate_questions", "load_data", "split_test_id"]
+__all__ = ["drop_overlap", "duplicate_questions", "load_data", "require_training", "split_test_id"]
 
 log = logging.getLogger(__name__)
 P = TypeVar("P", Problem, dict)
@@ -56,10 +56,16 @@ def load_data(cfg: TrainConfig, run_dir: Path) -> tuple[list[Problem], dict[str,
         counts = ", ".join(f"{n} in {split}" for split, n in removed.items())
         log.warning("data: %d training problem(s) removed: their question is held out (%s)", sum(removed.values()),
                     counts)  # fmt: skip
-    if not train:
-        raise DataError(cfg.data.train_path or "built-in tasks", "", "no training problem left: every question is "
-                        "also in a held-out split (is data.ood_path the training file?)")  # fmt: skip
+    require_training(train, cfg.data.train_path or "built-in tasks")
     return train, held_out
+
+
+def require_training(train: Sequence, source: str | Path) -> None:
+    """DataError naming `source` when no training problem is left once the held-out questions are removed (the
+    trainer here, validate before anything is created)."""
+    if not train:
+        raise DataError(source, "", "no training problem left: every question is also in a held-out split (is "
+                        "data.ood_path the training file?)")  # fmt: skip
 
 
 def split_test_id(problems: Sequence[P], n_test: int, seed: int) -> tuple[list[P], list[P]]:

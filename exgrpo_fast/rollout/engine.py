@@ -229,8 +229,12 @@ class Engine:
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head (and final logit softcapping where the model has it): hidden [B, H] -> fp32 logits [B, V]."""
-        logits = self.head(hidden).float()
+        """LM head (and final logit softcapping where the model has it): hidden [B, H] -> logits [B, V]. Half logits
+        stay half when there is no softcap: the sampler upcasts them exactly as it reads them, so a decode step writes
+        and re-reads no fp32 copy of [B, V] (the same tokens). Softcapped or other dtypes: fp32."""
+        logits = self.head(hidden)
+        if self.softcap or logits.dtype not in (torch.bfloat16, torch.float16):
+            logits = logits.float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
