@@ -915,17 +915,19 @@ def _finished(opened: rundir.OpenedRun, rank: int, world: int) -> dict:
     """A resume of a run that has ended: say so, change nothing (summary.json is written only if the run ended
     before it was: a kill after the final checkpoint)."""
     state, path = opened.state, opened.run_dir / "summary.json"
-    if rank == 0:
+    summary = None
+    if rank == 0:  # rank 0 alone reads / writes summary.json (another rank could read it half-written)
         print(f"run {opened.run_dir} has finished (grpo {state['step']} steps, final checkpoint {opened.resume_dir}); "
               "nothing to resume", flush=True)  # fmt: skip
-    if path.is_file():
-        summary = json.loads(path.read_text())
-    else:
-        summary = summary_of(opened.run_dir, state["extra"], opened.resume_dir, state["extra"].get("wall_s", 0.0))
-        if rank == 0:
+        if path.is_file():
+            summary = json.loads(path.read_text())
+        else:
+            summary = summary_of(opened.run_dir, state["extra"], opened.resume_dir, state["extra"].get("wall_s", 0.0))
             path.write_text(json.dumps(summary, indent=2) + "\n")
-    if world > 1:
-        dist.destroy_process_group()
+    if world > 1:  # the process group is `distributed`'s to destroy
+        shared = [summary]
+        dist.broadcast_object_list(shared, src=0)
+        summary = shared[0]
     return summary
 
 
