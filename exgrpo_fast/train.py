@@ -413,42 +413,34 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
 
 def _stop_agreed(run: Run) -> bool:
     """Whether any rank was asked to stop (one all-reduce MAX; once per stage, outside the step loop)."""
-    if run.world == 1:
-        return run.stop.requested
-    flag = torch.tensor([float(run.stop.requested)], device=run.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())  # sync: once per stage
+    return reduce_metrics({"stop_requested": float(run.stop.requested)}, run.world, run.device)["stop_requested"] > 0
 
 
 # How each metric of a step combines over ranks (one all-reduce per kind). Sums: the loss and the loss stats are
 # each rank's share of the global value (their normalisers are the step's global counts), token counts add up. Max:
-# a maximum and the wall times (the slowest rank sets the step's pace). Mean: per-rank rates. Everything else is the
-# same on every rank by construction (grad norm, lr, skip flag; reward metrics are computed from all ranks' samples).
+# a maximum and the wall times (the slowest rank sets the step's pace). Everything else is the same on every rank by
+# construction (grad norm, lr, skip flag; reward metrics are computed from all ranks' samples; rates are derived
+# from the reduced values after the reduction).
 TIMING_METRICS = ("time", "step_s", "tok_per_s", "t_rollout", "t_logp", "t_update", "t_train", "eval_s", "mfu",
                   "wall_s")  # fmt: skip
 """Metrics that measure time: the only ones a resumed run may write differently from a straight one."""
 SUM_METRICS = ("loss", "tokens", "update_tokens", "clip_frac_low", "clip_frac_high", "ratio_mean", "kl_ref",
                "kl_teacher", "entropy", "flops")  # fmt: skip
 MAX_METRICS = ("ratio_max", "step_s", "t_rollout", "t_logp", "t_update", "t_train", "stop_requested")
-MEAN_METRICS = ()
 
 
 def reduce_metrics(m: dict, world: int, device: torch.device) -> dict:
-    """A step's metrics over all ranks, each reduced by its meaning (SUM/MAX/MEAN_METRICS); host floats in and out."""
+    """A step's metrics over all ranks, each reduced by its meaning (SUM/MAX_METRICS); host floats in and out."""
     if world == 1:
         return m
     out = dict(m)
-    for names, op in ((SUM_METRICS, dist.ReduceOp.SUM), (MAX_METRICS, dist.ReduceOp.MAX),
-                      (MEAN_METRICS, dist.ReduceOp.SUM)):  # fmt: skip
+    for names, op in ((SUM_METRICS, dist.ReduceOp.SUM), (MAX_METRICS, dist.ReduceOp.MAX)):
         keys = [k for k in names if k in m]
         if not keys:
             continue
         t = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64, device=comm_device(device))
         dist.all_reduce(t, op=op)
         out.update(zip(keys, t.tolist()))  # sync: metrics, once per kind
-    for k in MEAN_METRICS:
-        if k in out:
-            out[k] /= world
     return out
 
 
@@ -606,7 +598,7 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     group_ids = torch.tensor([r.problem_index for r in rollouts], dtype=torch.long, device=device)
     advantages = ops.group_advantages(
         rewards, group_ids, scale=cfg.grpo.adv_scale, eps=cfg.grpo.adv_eps, nan_to_zero=True
-    ).to(device)  # (S,)
+    )  # (S,), on the device like its inputs
     # a group's common prompt is packed once per micro-batch, its samples' continuations attending to it: every
     # forward below (old, reference, teacher, update) computes it once, with the unshared packing's loss and grads
     groups = [r.problem_index for r in rollouts] if cfg.grpo.share_prefix else None
@@ -968,15 +960,15 @@ def _quiet_transformers() -> None:
 def _logp(model: torch.nn.Module, batch: PackedBatch, temperature: float, lm_head: dict | None = None) -> torch.Tensor:
     """No-grad log-probs of the loss labels under a policy / reference / teacher model (lm_head: Run.lm_head)."""
     policy = model if isinstance(model, PackedPolicy) else PackedPolicy(model)
-    hidden, weight, bias = policy(batch)
-    if batch.num_loss_tokens == 0:  # nothing to score (the forward still ran: FSDP's all-gathers pair up)
+    try:
+        hidden, weight, bias = policy(batch)
+        if batch.num_loss_tokens == 0:  # nothing to score (the forward still ran: FSDP's all-gathers pair up)
+            return hidden.new_zeros(0, dtype=torch.float32)
+        return ops.token_logprobs_linear(
+            hidden, weight, batch.loss_labels, bias=bias, temperature=temperature, **(lm_head or {})
+        )
+    finally:
         release_root(policy)
-        return hidden.new_zeros(0, dtype=torch.float32)
-    logp = ops.token_logprobs_linear(
-        hidden, weight, batch.loss_labels, bias=bias, temperature=temperature, **(lm_head or {})
-    )
-    release_root(policy)
-    return logp
 
 
 def release_root(policy: torch.nn.Module) -> None:
