@@ -492,19 +492,33 @@ def sft_step(run: Run, step: int, update: OptimizerStep) -> dict:
     batches = pack_sequences(seqs, cfg.data.token_budget)
     counts = step_counts(batches, run.world, run.device)
     total = max(counts.norm.num_tokens, 1.0)  # loss tokens of the global batch
-    loss_sum = torch.zeros((), device=run.device)
-    flops = 0.0
-    for i in range(counts.micro_batches):
-        batch = batches[min(i, len(batches) - 1)].to(run.device)  # past the end: padding, weight 0
-        run.student.micro_batch(last=i == counts.micro_batches - 1)
-        hidden, weight, bias = run.policy(batch)  # (N, H) at loss positions, (V, H)
-        logp = ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias, **run.lm_head)
-        loss = -logp.sum() / total * (1.0 if i < len(batches) else 0.0)
-        (loss * run.student.loss_scale).backward()
-        loss_sum += loss.detach()
-        flops += 3 * forward_flops(run.flop_shape, batch.seq_lens, batch.num_loss_tokens, batch.seq_lens_k)
+    loss_sum, flops = sft_backward(run.student, batches, counts.micro_batches, total, run.device, run.lm_head)
     update(loss_sum)
     return {"loss": loss_sum, "tokens": sum(b.num_loss_tokens for b in batches), "flops": flops}
+
+
+def sft_backward(
+    student: Student, batches: list[PackedBatch], micro_batches: int, total: float, device: torch.device,
+    lm_head: dict,
+) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """Forward and backward of an SFT step's cross-entropy (summed over `total` loss tokens) over `micro_batches`
+    micro-batches, those past the end of `batches` padding copies of its last with weight 0 (step_counts): (the
+    step's loss, the FLOPs of its live micro-batches, fwd + bwd). lm_head: Run.lm_head. The memory plan traces it."""
+    loss_sum = torch.zeros((), device=device)
+    flops = 0.0
+    for i in range(micro_batches):
+        live = i < len(batches)
+        batch = batches[min(i, len(batches) - 1)].to(device)  # past the end: padding, weight 0
+        student.micro_batch(last=i == micro_batches - 1)
+        hidden, weight, bias = student.policy(batch)  # (N, H) at loss positions, (V, H)
+        logp = ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias, **lm_head)
+        loss = -logp.sum() / total * (1.0 if live else 0.0)
+        (loss * student.loss_scale).backward()
+        loss_sum += loss.detach()
+        if live:  # a padding micro-batch is no work of the step's (MFU)
+            flops += 3 * forward_flops(student.flop_shape, batch.seq_lens, batch.num_loss_tokens, batch.seq_lens_k)
+        del hidden, weight, bias, logp, loss  # the next micro-batch's forward runs without this one's outputs
+    return loss_sum, flops
 
 
 def sft_log_line(step: int, steps: int, m: dict) -> str:
@@ -579,6 +593,27 @@ def policy_loss_backward(
     return loss_sum, stats_sum
 
 
+@torch.no_grad()
+def frozen_logps(
+    student: Student, frozen: Frozen, batches: list[PackedBatch], off_policy: bool, kl: bool, temperature: float,
+    lm_head: dict,
+) -> tuple[list, list, list]:  # fmt: skip
+    """(old, reference, teacher) no-grad log-probs of each micro-batch, None where the loss does not use them: old
+    when the update is off-policy (on-policy, the fused loss takes its own detached log-probs), the reference when kl
+    (frozen.ref, or under LoRA the student with its adapters disabled), the teacher when frozen has one. The memory
+    plan traces it."""
+    old = [_logp(student.policy, b, temperature, lm_head) if off_policy else None for b in batches]
+    if frozen.ref is not None:
+        ref = [_logp(frozen.ref, b, temperature, lm_head) for b in batches]
+    elif kl:  # LoRA: the reference is this model with its adapters disabled
+        with student.reference():
+            ref = [_logp(student.policy, b, temperature, lm_head) for b in batches]
+    else:
+        ref = [None] * len(batches)
+    tch = [_logp(frozen.teacher, b, temperature, lm_head) if frozen.teacher is not None else None for b in batches]
+    return old, ref, tch
+
+
 def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dict:
     """Sample -> rewards and advantages -> reference / teacher log-probs -> policy update(s)."""
     cfg, device, temperature = run.cfg, run.device, run.cfg.logprob_temperature
@@ -611,17 +646,7 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     # ---- old / reference / teacher log-probs (no grad); old comes from the policy forward itself when on-policy
     t1 = time.perf_counter()
     flops = 0.0
-    with torch.no_grad():
-        head = run.lm_head
-        old = [None if U == 1 else _logp(run.policy, b, temperature, head) for b in batches]
-        if frozen.ref is not None:
-            ref = [_logp(frozen.ref, b, temperature, head) for b in batches]
-        elif cfg.loss.kl_beta > 0:  # LoRA: the reference is this model with its adapters disabled
-            with run.student.reference():
-                ref = [_logp(run.policy, b, temperature, head) for b in batches]
-        else:
-            ref = [None] * len(batches)
-        tch = [_logp(frozen.teacher, b, temperature, head) if frozen.teacher is not None else None for b in batches]
+    old, ref, tch = frozen_logps(run.student, frozen, batches, U > 1, cfg.loss.kl_beta > 0, temperature, run.lm_head)
     for b in packed:
         args = (b.seq_lens, b.num_loss_tokens, b.seq_lens_k)
         flops += forward_flops(run.flop_shape, *args) * ((U > 1) + (cfg.loss.kl_beta > 0) + 3 * U)
