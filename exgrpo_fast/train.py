@@ -629,11 +629,8 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     )  # fmt: skip
     # ---- rewards, group advantages, packing and the step's loss normaliser (host side)
     scores = [score_dialogue(problems[r.problem_index], r.responses, cfg.reward) for r in rollouts]
-    rewards = torch.tensor([float(s["total"]) for s in scores], dtype=torch.float32, device=device)
-    group_ids = torch.tensor([r.problem_index for r in rollouts], dtype=torch.long, device=device)
-    advantages = ops.group_advantages(
-        rewards, group_ids, scale=cfg.grpo.adv_scale, eps=cfg.grpo.adv_eps, nan_to_zero=True
-    )  # (S,), on the device like its inputs
+    rewards = [float(s["total"]) for s in scores]
+    advantages = step_advantages(rewards, [r.problem_index for r in rollouts], cfg.grpo, run.rank, run.world, device)
     # a group's common prompt is packed once per micro-batch, its samples' continuations attending to it: every
     # forward below (old, reference, teacher, update) computes it once, with the unshared packing's loss and grads
     groups = [r.problem_index for r in rollouts] if cfg.grpo.share_prefix else None
@@ -670,6 +667,32 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
         "update_tokens": sum(b.num_tokens for b in packed) * U,
         "t_rollout": t_rollout, "t_logp": t_logp, "t_update": t_update, "flops": flops, "t_train": t_logp + t_update,
     }  # fmt: skip
+
+
+def step_advantages(
+    rewards: list[float], group_ids: list[int], grpo, rank: int, world: int, device: torch.device
+) -> torch.Tensor:
+    """This rank's advantages (S,) on `device`: group_advantages of its samples, grouped by problem. Every group
+    lies on one rank, so the group statistics are local; grpo.adv_scale "batch" divides by the std over the global
+    batch, so under torch.distributed it gathers every rank's rewards (one all_gather_object of host floats) and
+    takes its own slice of the global advantages, as one process on the whole batch would compute them."""
+    start = 0
+    mine = len(rewards)
+    if grpo.adv_scale == "batch" and world > 1:
+        parts: list = [None] * world
+        dist.all_gather_object(parts, (rewards, group_ids))
+        rewards, group_ids, offset = [], [], 0
+        for r, (part_rewards, part_groups) in enumerate(parts):
+            start = len(rewards) if r == rank else start
+            rewards += part_rewards
+            group_ids += [g + offset for g in part_groups]  # group ids of different ranks stay apart
+            offset += 1 + max(part_groups, default=-1)
+    adv = ops.group_advantages(
+        torch.tensor(rewards, dtype=torch.float32, device=device),
+        torch.tensor(group_ids, dtype=torch.long, device=device),
+        scale=grpo.adv_scale, eps=grpo.adv_eps, nan_to_zero=True,
+    )  # fmt: skip
+    return adv[start : start + mine]
 
 
 def reward_metrics(rollouts: list, scores: list[dict], group_size: int, use_probes: bool, world: int = 1) -> dict:
