@@ -899,13 +899,17 @@ def load_frozen(run: Run) -> Frozen:
     return frozen
 
 
+SUMMARY_METRICS = ("acc", "probe_acc", "reward")
+"""Prefixes of the eval metrics that summary.json and the summary line report."""
+
+
 def summary_of(run_dir: Path, extra: dict, final_ckpt: Path, wall: float) -> dict:
     """summary.json's content: evals before / after SFT / at the end, the GRPO reward trend, the wall time."""
     evals = extra["evals"]
     reward_trace = [m["reward"] for m in extra.get("history", {}).get("grpo", [])]
     k = max(1, len(reward_trace) // 4)  # reward trend: mean of the first vs the last quarter of the GRPO steps run
     trend = (float(np.mean(reward_trace[:k])), float(np.mean(reward_trace[-k:]))) if reward_trace else (0.0, 0.0)
-    keep = ("acc", "probe_acc", "reward")
+    keep = SUMMARY_METRICS
     return {
         "run_dir": str(run_dir), "final_ckpt": str(final_ckpt), "wall_s": wall,
         "reward_first_quarter": trend[0], "reward_last_quarter": trend[1],
@@ -919,7 +923,7 @@ def summarize(run: Run, grpo: dict, wall: float) -> dict:
     evals, final = run.extra["evals"], run.extra["evals"]["final"]
     summary = summary_of(run.run_dir, run.extra, grpo["ckpt"], wall)
     trend = summary["reward_first_quarter"], summary["reward_last_quarter"]
-    keep = ("acc", "probe_acc", "reward")
+    keep = SUMMARY_METRICS
     if run.rank == 0:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     nan = float("nan")
