@@ -153,7 +153,8 @@ def _has_dtensors(tensors: Iterable) -> bool:
 
 def _full_state(model, optimizer, model_state: dict | None = None) -> tuple[dict, dict | None]:
     """Model and optimizer state dicts, gathered to full tensors when the model is FSDP2-sharded (any world size:
-    a half-dtype student is sharded over a mesh of one). model_state: the model's state dict, when the caller
+    a half-dtype student is sharded over a mesh of one); gathered tensors stay on rank 0 only, the writer (the
+    other ranks get None for a gathered optimizer state). model_state: the model's state dict, when the caller
     built it (a merged LoRA export)."""
     if model_state is None and _has_dtensors(model.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -161,20 +162,25 @@ def _full_state(model, optimizer, model_state: dict | None = None) -> tuple[dict
         model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     osd = optimizer.state_dict() if optimizer is not None else None
     if osd is not None and _has_dtensors(v for st in osd["state"].values() for v in st.values()):
-        osd = _full_tensors(osd, keep=_rank() == 0)
+        osd = _full_tensors(osd)
     return (model_state if model_state is not None else model.state_dict()), osd
 
 
-def _full_tensors(osd: dict, keep: bool = True) -> dict | None:
-    """Optimizer state dict with every DTensor shard gathered to a full CPU tensor (a collective: all ranks call).
-    keep=False: take part in the gathers and return None (the ranks that do not write: AdamW's states of a 7B
-    student are 61 GB, which 8 ranks would otherwise each hold in host memory)."""
+def _full_tensors(osd: dict) -> dict | None:
+    """Optimizer state dict with every DTensor shard gathered to a full CPU tensor on rank 0, the writer (a
+    collective: all ranks call); None on the other ranks, which drop each gathered tensor at once (AdamW's two
+    float32 moments of a 7B model are 56 GB: kept on all 8 ranks of a node they would take 448 GB of host memory)."""
     from torch.distributed.tensor import DTensor
 
-    state = {}
+    keep = _rank() == 0
+    state: dict = {}
     for idx, st in osd["state"].items():
-        full = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in st.items()}
-        state[idx] = {k: v.cpu() for k, v in full.items()} if keep else None
+        state[idx] = row = {}
+        for k, v in st.items():
+            if isinstance(v, DTensor):
+                v = v.full_tensor()  # every rank joins each all-gather
+                v = v.cpu() if keep else None  # off rank 0 the gathered copy goes at once
+            row[k] = v
     return {**osd, "state": state} if keep else None
 
 

@@ -480,15 +480,7 @@ def trace_step(cfg: TrainConfig, path: Path, world: int, shape: PlanShape, *, fa
         tracker.set_phase("sft")
         update = T.OptimizerStep(student, optimizer, cfg.optim.grad_clip)
         total = float(sum(b.num_loss_tokens for b in sft_batches))
-        loss_sum = torch.zeros((), device=device)
-        for i, b in enumerate(sft_batches):
-            student.micro_batch(last=i == len(sft_batches) - 1)
-            hidden, weight, bias = student.policy(b)
-            logp = ops.token_logprobs_linear(hidden, weight, b.loss_labels, bias=bias, **head)
-            loss = -logp.sum() / total
-            (loss * student.loss_scale).backward()
-            loss_sum = loss_sum + loss.detach()
-            del hidden, weight, bias, logp, loss
+        loss_sum, _ = T.sft_backward(student, sft_batches, len(sft_batches), total, device, head)
         grads = _grad_bytes(student)
         _step(update, loss_sum, fake)
         components["sft"] = {**resident, "gradients": grads, "LM-head chunk": chunk_bytes}
@@ -547,16 +539,8 @@ def trace_step(cfg: TrainConfig, path: Path, world: int, shape: PlanShape, *, fa
             del cache
         U = cfg.grpo.updates_per_batch
         batches = grpo_batches
-        with torch.no_grad():
-            old = [T._logp(student.policy, b, 1.0, head) if U > 1 else None for b in batches]
-            if ref is not None:
-                refs = [T._logp(ref, b, 1.0, head) for b in batches]
-            elif cfg.loss.kl_beta > 0:
-                with student.reference():
-                    refs = [T._logp(student.policy, b, 1.0, head) for b in batches]
-            else:
-                refs = [None] * len(batches)
-            tch = [T._logp(teacher, b, 1.0, head) if teacher is not None else None for b in batches]
+        old, refs, tch = T.frozen_logps(student, T.Frozen(ref, teacher), batches, U > 1, cfg.loss.kl_beta > 0, 1.0,
+                                        head)  # fmt: skip
         update = T.OptimizerStep(student, optimizer, cfg.optim.grad_clip)
         advantages = torch.zeros(n_seqs, device=device)
         loss, _ = T.policy_loss_backward(

@@ -413,42 +413,34 @@ def run_stage(run: Run, stage: Stage, step_fn: StepFn, log_line: Callable, start
 
 def _stop_agreed(run: Run) -> bool:
     """Whether any rank was asked to stop (one all-reduce MAX; once per stage, outside the step loop)."""
-    if run.world == 1:
-        return run.stop.requested
-    flag = torch.tensor([float(run.stop.requested)], device=run.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())  # sync: once per stage
+    return reduce_metrics({"stop_requested": float(run.stop.requested)}, run.world, run.device)["stop_requested"] > 0
 
 
 # How each metric of a step combines over ranks (one all-reduce per kind). Sums: the loss and the loss stats are
 # each rank's share of the global value (their normalisers are the step's global counts), token counts add up. Max:
-# a maximum and the wall times (the slowest rank sets the step's pace). Mean: per-rank rates. Everything else is the
-# same on every rank by construction (grad norm, lr, skip flag; reward metrics are computed from all ranks' samples).
+# a maximum and the wall times (the slowest rank sets the step's pace). Everything else is the same on every rank by
+# construction (grad norm, lr, skip flag; reward metrics are computed from all ranks' samples; rates are derived
+# from the reduced values after the reduction).
 TIMING_METRICS = ("time", "step_s", "tok_per_s", "t_rollout", "t_logp", "t_update", "t_train", "eval_s", "mfu",
                   "wall_s")  # fmt: skip
 """Metrics that measure time: the only ones a resumed run may write differently from a straight one."""
 SUM_METRICS = ("loss", "tokens", "update_tokens", "clip_frac_low", "clip_frac_high", "ratio_mean", "kl_ref",
                "kl_teacher", "entropy", "flops")  # fmt: skip
 MAX_METRICS = ("ratio_max", "step_s", "t_rollout", "t_logp", "t_update", "t_train", "stop_requested")
-MEAN_METRICS = ()
 
 
 def reduce_metrics(m: dict, world: int, device: torch.device) -> dict:
-    """A step's metrics over all ranks, each reduced by its meaning (SUM/MAX/MEAN_METRICS); host floats in and out."""
+    """A step's metrics over all ranks, each reduced by its meaning (SUM/MAX_METRICS); host floats in and out."""
     if world == 1:
         return m
     out = dict(m)
-    for names, op in ((SUM_METRICS, dist.ReduceOp.SUM), (MAX_METRICS, dist.ReduceOp.MAX),
-                      (MEAN_METRICS, dist.ReduceOp.SUM)):  # fmt: skip
+    for names, op in ((SUM_METRICS, dist.ReduceOp.SUM), (MAX_METRICS, dist.ReduceOp.MAX)):
         keys = [k for k in names if k in m]
         if not keys:
             continue
         t = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64, device=comm_device(device))
         dist.all_reduce(t, op=op)
         out.update(zip(keys, t.tolist()))  # sync: metrics, once per kind
-    for k in MEAN_METRICS:
-        if k in out:
-            out[k] /= world
     return out
 
 
@@ -500,19 +492,33 @@ def sft_step(run: Run, step: int, update: OptimizerStep) -> dict:
     batches = pack_sequences(seqs, cfg.data.token_budget)
     counts = step_counts(batches, run.world, run.device)
     total = max(counts.norm.num_tokens, 1.0)  # loss tokens of the global batch
-    loss_sum = torch.zeros((), device=run.device)
-    flops = 0.0
-    for i in range(counts.micro_batches):
-        batch = batches[min(i, len(batches) - 1)].to(run.device)  # past the end: padding, weight 0
-        run.student.micro_batch(last=i == counts.micro_batches - 1)
-        hidden, weight, bias = run.policy(batch)  # (N, H) at loss positions, (V, H)
-        logp = ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias, **run.lm_head)
-        loss = -logp.sum() / total * (1.0 if i < len(batches) else 0.0)
-        (loss * run.student.loss_scale).backward()
-        loss_sum += loss.detach()
-        flops += 3 * forward_flops(run.flop_shape, batch.seq_lens, batch.num_loss_tokens, batch.seq_lens_k)
+    loss_sum, flops = sft_backward(run.student, batches, counts.micro_batches, total, run.device, run.lm_head)
     update(loss_sum)
     return {"loss": loss_sum, "tokens": sum(b.num_loss_tokens for b in batches), "flops": flops}
+
+
+def sft_backward(
+    student: Student, batches: list[PackedBatch], micro_batches: int, total: float, device: torch.device,
+    lm_head: dict,
+) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """Forward and backward of an SFT step's cross-entropy (summed over `total` loss tokens) over `micro_batches`
+    micro-batches, those past the end of `batches` padding copies of its last with weight 0 (step_counts): (the
+    step's loss, the FLOPs of its live micro-batches, fwd + bwd). lm_head: Run.lm_head. The memory plan traces it."""
+    loss_sum = torch.zeros((), device=device)
+    flops = 0.0
+    for i in range(micro_batches):
+        live = i < len(batches)
+        batch = batches[min(i, len(batches) - 1)].to(device)  # past the end: padding, weight 0
+        student.micro_batch(last=i == micro_batches - 1)
+        hidden, weight, bias = student.policy(batch)  # (N, H) at loss positions, (V, H)
+        logp = ops.token_logprobs_linear(hidden, weight, batch.loss_labels, bias=bias, **lm_head)
+        loss = -logp.sum() / total * (1.0 if live else 0.0)
+        (loss * student.loss_scale).backward()
+        loss_sum += loss.detach()
+        if live:  # a padding micro-batch is no work of the step's (MFU)
+            flops += 3 * forward_flops(student.flop_shape, batch.seq_lens, batch.num_loss_tokens, batch.seq_lens_k)
+        del hidden, weight, bias, logp, loss  # the next micro-batch's forward runs without this one's outputs
+    return loss_sum, flops
 
 
 def sft_log_line(step: int, steps: int, m: dict) -> str:
@@ -587,6 +593,27 @@ def policy_loss_backward(
     return loss_sum, stats_sum
 
 
+@torch.no_grad()
+def frozen_logps(
+    student: Student, frozen: Frozen, batches: list[PackedBatch], off_policy: bool, kl: bool, temperature: float,
+    lm_head: dict,
+) -> tuple[list, list, list]:  # fmt: skip
+    """(old, reference, teacher) no-grad log-probs of each micro-batch, None where the loss does not use them: old
+    when the update is off-policy (on-policy, the fused loss takes its own detached log-probs), the reference when kl
+    (frozen.ref, or under LoRA the student with its adapters disabled), the teacher when frozen has one. The memory
+    plan traces it."""
+    old = [_logp(student.policy, b, temperature, lm_head) if off_policy else None for b in batches]
+    if frozen.ref is not None:
+        ref = [_logp(frozen.ref, b, temperature, lm_head) for b in batches]
+    elif kl:  # LoRA: the reference is this model with its adapters disabled
+        with student.reference():
+            ref = [_logp(student.policy, b, temperature, lm_head) for b in batches]
+    else:
+        ref = [None] * len(batches)
+    tch = [_logp(frozen.teacher, b, temperature, lm_head) if frozen.teacher is not None else None for b in batches]
+    return old, ref, tch
+
+
 def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dict:
     """Sample -> rewards and advantages -> reference / teacher log-probs -> policy update(s)."""
     cfg, device, temperature = run.cfg, run.device, run.cfg.logprob_temperature
@@ -602,11 +629,8 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     )  # fmt: skip
     # ---- rewards, group advantages, packing and the step's loss normaliser (host side)
     scores = [score_dialogue(problems[r.problem_index], r.responses, cfg.reward) for r in rollouts]
-    rewards = torch.tensor([float(s["total"]) for s in scores], dtype=torch.float32, device=device)
-    group_ids = torch.tensor([r.problem_index for r in rollouts], dtype=torch.long, device=device)
-    advantages = ops.group_advantages(
-        rewards, group_ids, scale=cfg.grpo.adv_scale, eps=cfg.grpo.adv_eps, nan_to_zero=True
-    ).to(device)  # (S,)
+    rewards = [float(s["total"]) for s in scores]
+    advantages = step_advantages(rewards, [r.problem_index for r in rollouts], cfg.grpo, run.rank, run.world, device)
     # a group's common prompt is packed once per micro-batch, its samples' continuations attending to it: every
     # forward below (old, reference, teacher, update) computes it once, with the unshared packing's loss and grads
     groups = [r.problem_index for r in rollouts] if cfg.grpo.share_prefix else None
@@ -619,17 +643,7 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
     # ---- old / reference / teacher log-probs (no grad); old comes from the policy forward itself when on-policy
     t1 = time.perf_counter()
     flops = 0.0
-    with torch.no_grad():
-        head = run.lm_head
-        old = [None if U == 1 else _logp(run.policy, b, temperature, head) for b in batches]
-        if frozen.ref is not None:
-            ref = [_logp(frozen.ref, b, temperature, head) for b in batches]
-        elif cfg.loss.kl_beta > 0:  # LoRA: the reference is this model with its adapters disabled
-            with run.student.reference():
-                ref = [_logp(run.policy, b, temperature, head) for b in batches]
-        else:
-            ref = [None] * len(batches)
-        tch = [_logp(frozen.teacher, b, temperature, head) if frozen.teacher is not None else None for b in batches]
+    old, ref, tch = frozen_logps(run.student, frozen, batches, U > 1, cfg.loss.kl_beta > 0, temperature, run.lm_head)
     for b in packed:
         args = (b.seq_lens, b.num_loss_tokens, b.seq_lens_k)
         flops += forward_flops(run.flop_shape, *args) * ((U > 1) + (cfg.loss.kl_beta > 0) + 3 * U)
@@ -653,6 +667,32 @@ def grpo_step(run: Run, frozen: Frozen, step: int, update: OptimizerStep) -> dic
         "update_tokens": sum(b.num_tokens for b in packed) * U,
         "t_rollout": t_rollout, "t_logp": t_logp, "t_update": t_update, "flops": flops, "t_train": t_logp + t_update,
     }  # fmt: skip
+
+
+def step_advantages(
+    rewards: list[float], group_ids: list[int], grpo, rank: int, world: int, device: torch.device
+) -> torch.Tensor:
+    """This rank's advantages (S,) on `device`: group_advantages of its samples, grouped by problem. Every group
+    lies on one rank, so the group statistics are local; grpo.adv_scale "batch" divides by the std over the global
+    batch, so under torch.distributed it gathers every rank's rewards (one all_gather_object of host floats) and
+    takes its own slice of the global advantages, as one process on the whole batch would compute them."""
+    start = 0
+    mine = len(rewards)
+    if grpo.adv_scale == "batch" and world > 1:
+        parts: list = [None] * world
+        dist.all_gather_object(parts, (rewards, group_ids))
+        rewards, group_ids, offset = [], [], 0
+        for r, (part_rewards, part_groups) in enumerate(parts):
+            start = len(rewards) if r == rank else start
+            rewards += part_rewards
+            group_ids += [g + offset for g in part_groups]  # group ids of different ranks stay apart
+            offset += 1 + max(part_groups, default=-1)
+    adv = ops.group_advantages(
+        torch.tensor(rewards, dtype=torch.float32, device=device),
+        torch.tensor(group_ids, dtype=torch.long, device=device),
+        scale=grpo.adv_scale, eps=grpo.adv_eps, nan_to_zero=True,
+    )  # fmt: skip
+    return adv[start : start + mine]
 
 
 def reward_metrics(rollouts: list, scores: list[dict], group_size: int, use_probes: bool, world: int = 1) -> dict:
@@ -859,13 +899,17 @@ def load_frozen(run: Run) -> Frozen:
     return frozen
 
 
+SUMMARY_METRICS = ("acc", "probe_acc", "reward")
+"""Prefixes of the eval metrics that summary.json and the summary line report."""
+
+
 def summary_of(run_dir: Path, extra: dict, final_ckpt: Path, wall: float) -> dict:
     """summary.json's content: evals before / after SFT / at the end, the GRPO reward trend, the wall time."""
     evals = extra["evals"]
     reward_trace = [m["reward"] for m in extra.get("history", {}).get("grpo", [])]
     k = max(1, len(reward_trace) // 4)  # reward trend: mean of the first vs the last quarter of the GRPO steps run
     trend = (float(np.mean(reward_trace[:k])), float(np.mean(reward_trace[-k:]))) if reward_trace else (0.0, 0.0)
-    keep = ("acc", "probe_acc", "reward")
+    keep = SUMMARY_METRICS
     return {
         "run_dir": str(run_dir), "final_ckpt": str(final_ckpt), "wall_s": wall,
         "reward_first_quarter": trend[0], "reward_last_quarter": trend[1],
@@ -879,7 +923,7 @@ def summarize(run: Run, grpo: dict, wall: float) -> dict:
     evals, final = run.extra["evals"], run.extra["evals"]["final"]
     summary = summary_of(run.run_dir, run.extra, grpo["ckpt"], wall)
     trend = summary["reward_first_quarter"], summary["reward_last_quarter"]
-    keep = ("acc", "probe_acc", "reward")
+    keep = SUMMARY_METRICS
     if run.rank == 0:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     nan = float("nan")
@@ -915,17 +959,19 @@ def _finished(opened: rundir.OpenedRun, rank: int, world: int) -> dict:
     """A resume of a run that has ended: say so, change nothing (summary.json is written only if the run ended
     before it was: a kill after the final checkpoint)."""
     state, path = opened.state, opened.run_dir / "summary.json"
-    if rank == 0:
+    summary = None
+    if rank == 0:  # rank 0 alone reads / writes summary.json (another rank could read it half-written)
         print(f"run {opened.run_dir} has finished (grpo {state['step']} steps, final checkpoint {opened.resume_dir}); "
               "nothing to resume", flush=True)  # fmt: skip
-    if path.is_file():
-        summary = json.loads(path.read_text())
-    else:
-        summary = summary_of(opened.run_dir, state["extra"], opened.resume_dir, state["extra"].get("wall_s", 0.0))
-        if rank == 0:
+        if path.is_file():
+            summary = json.loads(path.read_text())
+        else:
+            summary = summary_of(opened.run_dir, state["extra"], opened.resume_dir, state["extra"].get("wall_s", 0.0))
             path.write_text(json.dumps(summary, indent=2) + "\n")
-    if world > 1:
-        dist.destroy_process_group()
+    if world > 1:  # the process group is `distributed`'s to destroy
+        shared = [summary]
+        dist.broadcast_object_list(shared, src=0)
+        summary = shared[0]
     return summary
 
 
@@ -966,15 +1012,15 @@ def _quiet_transformers() -> None:
 def _logp(model: torch.nn.Module, batch: PackedBatch, temperature: float, lm_head: dict | None = None) -> torch.Tensor:
     """No-grad log-probs of the loss labels under a policy / reference / teacher model (lm_head: Run.lm_head)."""
     policy = model if isinstance(model, PackedPolicy) else PackedPolicy(model)
-    hidden, weight, bias = policy(batch)
-    if batch.num_loss_tokens == 0:  # nothing to score (the forward still ran: FSDP's all-gathers pair up)
+    try:
+        hidden, weight, bias = policy(batch)
+        if batch.num_loss_tokens == 0:  # nothing to score (the forward still ran: FSDP's all-gathers pair up)
+            return hidden.new_zeros(0, dtype=torch.float32)
+        return ops.token_logprobs_linear(
+            hidden, weight, batch.loss_labels, bias=bias, temperature=temperature, **(lm_head or {})
+        )
+    finally:
         release_root(policy)
-        return hidden.new_zeros(0, dtype=torch.float32)
-    logp = ops.token_logprobs_linear(
-        hidden, weight, batch.loss_labels, bias=bias, temperature=temperature, **(lm_head or {})
-    )
-    release_root(policy)
-    return logp
 
 
 def release_root(policy: torch.nn.Module) -> None:

@@ -288,3 +288,46 @@ def test_full_disk_during_a_save_is_named_and_leaves_the_older_checkpoints(tmp_p
     assert isinstance(info.value, UserError)
     assert entries(root) == ["latest", "sft-000001"]  # the half-written temp dir is gone (space freed)
     assert C.load_trainer_state(C.resolve_checkpoint(tmp_path))["extra"]["tag"] == "one"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sharded_optimizer_state_is_gathered_to_rank_0_only(monkeypatch, rank):
+    """Every rank joins the all-gathers of the optimizer state, but only rank 0 (the writer) keeps the full CPU
+    copies: on 8 ranks of a 7B model the others would each hold 56 GB of AdamW moments until the save returned."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        moment = torch.arange(6.0).view(3, 2)
+        osd = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": distribute_tensor(moment, mesh, [Shard(0)])}},
+               "param_groups": [{"params": [0]}]}  # fmt: skip
+        gathered = []
+        real = type(osd["state"][0]["exp_avg"]).full_tensor
+        monkeypatch.setattr(C, "_rank", lambda: rank)
+        monkeypatch.setattr(type(osd["state"][0]["exp_avg"]), "full_tensor", lambda t: gathered.append(1) or real(t))
+        out = C._full_tensors(osd)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+    assert gathered == [1]  # the collective ran on this rank either way
+    if rank == 0:
+        assert type(out["state"][0]["exp_avg"]) is torch.Tensor and out["state"][0]["exp_avg"].device.type == "cpu"
+        assert torch.equal(out["state"][0]["exp_avg"], moment) and out["param_groups"] == osd["param_groups"]
+    else:
+        assert out is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's memory maps (Linux)")
+def test_trainer_state_is_memory_mapped(tmp_path, student):
+    """Every rank of a resume loads the full trainer state (optimizer moments: 56 GB at 7B): mapped from the file,
+    the ranks of a node share the page cache instead of each holding a private copy."""
+    model, tok = student
+    ckpt = C.save_checkpoint(tmp_path / "sft-000001", model, tok, optimizer=_opt(model), stage="sft", step=1)
+    state = C.load_trainer_state(ckpt)
+    assert str((ckpt / C.STATE_FILE).resolve()) in Path("/proc/self/maps").read_text()
+    assert state["optimizer"]["state"]  # the moments are there (and readable) all the same

@@ -213,6 +213,24 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     assert 0 < again["wall_s"] <= summary["wall_s"]  # the run's own time (to its last checkpoint), not this call's
 
 
+def test_a_finished_run_summary_is_read_by_rank_0_only(tmp_path, monkeypatch):
+    """Resuming a finished run whose summary.json is missing: rank 0 writes it while the other ranks run on, so a
+    rank that read it could see it half-written; they get rank 0's summary by broadcast instead (a 2-rank world
+    faked for rank 1: the file on disk is rank 0's write in progress)."""
+    (tmp_path / "summary.json").write_text('{"run_dir": "')  # half-written
+    opened = rundir.OpenedRun(tmp_path, state={"stage": "grpo", "step": 1, "extra": {"evals": {}}},
+                              resume_dir=tmp_path / "checkpoints" / "grpo-000001", finished=True)  # fmt: skip
+    from_rank_0 = {"run_dir": str(tmp_path), "wall_s": 1.0}
+
+    def broadcast(objects, src=0):
+        objects[:] = [from_rank_0]
+
+    monkeypatch.setattr(T.dist, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(T.dist, "destroy_process_group", lambda: None)
+    assert T._finished(opened, 1, 2) == from_rank_0
+    assert (tmp_path / "summary.json").read_text() == '{"run_dir": "'  # rank 1 wrote nothing
+
+
 def test_stopped_at_the_end_of_sft_resumes_with_the_real_sft_eval(tmp_path):
     cfg = C.preset_test()
     cfg.grpo.steps = 1

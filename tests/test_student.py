@@ -476,3 +476,25 @@ def test_flops_match_a_hand_count(tiny):
     assert peak_flops("NVIDIA H100 PCIe", torch.bfloat16) == 756.0e12
     assert peak_flops("NVIDIA A100-SXM4-80GB", torch.float32) == 19.5e12
     assert peak_flops("Some GPU", torch.bfloat16) is None
+
+
+def test_sft_padding_micro_batches_add_no_loss_no_gradient_and_no_flops(tiny):
+    """A rank with fewer micro-batches than another runs padding copies of its last with weight 0 (FSDP's
+    collectives pair up): the step's loss, gradients and the FLOPs that MFU counts are those of its live ones."""
+    student = S.load_student(tiny, model_cfg(), torch.device("cpu"), 1)
+    batches = batch(student.tokenizer, n=4, budget=400)
+    total = float(sum(b.num_loss_tokens for b in batches))
+    head = {"chunk_size": None, "fp32_logits": True}
+    want = 3 * sum(forward_flops(student.flop_shape, b.seq_lens, b.num_loss_tokens, b.seq_lens_k) for b in batches)
+    out = []
+    with ops.backend("reference"):
+        for n in (len(batches), len(batches) + 2):
+            loss, flops = T.sft_backward(student, batches, n, total, torch.device("cpu"), head)
+            grads = {k: p.grad.clone() for k, p in student.model.named_parameters() if p.grad is not None}
+            student.model.zero_grad(set_to_none=True)
+            out.append((loss, flops, grads))
+    (loss, flops, grads), (loss_p, flops_p, grads_p) = out
+    assert len(batches) > 1 and flops == want and flops_p == want
+    assert torch.equal(loss_p, loss)
+    for k in grads:
+        torch.testing.assert_close(grads_p[k], grads[k], rtol=0, atol=0)

@@ -400,3 +400,28 @@ def test_shared_prefix_two_processes(tmp_path, policy_and_ref):
     # the gradient is the global one: both ranks hold the same full gradient
     for k, want in out[0]["shared"]["grads"].items():
         torch.testing.assert_close(out[1]["shared"]["grads"][k], want, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("scale", ["batch", "group"])
+def test_advantages_of_a_rank_are_its_slice_of_one_process_advantages(monkeypatch, scale):
+    """Ranks hold whole groups, so group statistics are local; adv_scale "batch" divides by the std of the global
+    batch, which a rank computing over its own samples gets wrong (a faked 2-rank world, this process rank 1)."""
+    from exgrpo_fast import ops
+
+    mine = ([1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1])  # rank 1: two groups of 2 (one of equal rewards)
+    other = ([5.0, -3.0, 0.5, 0.0], [0, 0, 1, 1])  # rank 0: a much wider spread
+    calls = []
+
+    def all_gather_object(parts, obj):
+        calls.append(obj)
+        parts[:] = [other, obj]
+
+    monkeypatch.setattr(T.dist, "all_gather_object", all_gather_object)
+    grpo = C.GRPOConfig(adv_scale=scale)
+    got = T.step_advantages(*mine, grpo, 1, 2, torch.device("cpu"))
+    whole = ops.group_advantages(torch.tensor(other[0] + mine[0]), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]),
+                                 scale=scale, eps=grpo.adv_eps, nan_to_zero=True)  # fmt: skip
+    torch.testing.assert_close(got, whole[4:], rtol=0, atol=0)
+    assert len(calls) == (1 if scale == "batch" else 0)  # group scale needs nothing from the other ranks
+    local = T.step_advantages(*mine, grpo, 0, 1, torch.device("cpu"))
+    assert torch.equal(local, got) == (scale == "group")  # what a rank alone computes: wrong for "batch"
