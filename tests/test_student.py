@@ -474,6 +474,7 @@ def test_flops_match_a_hand_count(tiny):
     assert forward_flops(shape, [5, 3, 4], 6, [5, 8, 9]) == 2 * body * 12 + 4 * L * H * (25 + 24 + 36) + 2 * V * H * 6
     assert peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.4e12
     assert peak_flops("NVIDIA H100 PCIe", torch.bfloat16) == 756.0e12
+    assert peak_flops("NVIDIA H100 NVL", torch.bfloat16) == 835.0e12  # not the SXM part's 989 TF
     assert peak_flops("NVIDIA A100-SXM4-80GB", torch.float32) == 19.5e12
     assert peak_flops("Some GPU", torch.bfloat16) is None
 

@@ -61,6 +61,7 @@ def forward_flops(
 PEAK_FLOPS: tuple[tuple[str, float, float], ...] = (
     ("H200", 989.4e12, 66.9e12),
     ("H100 PCIe", 756.0e12, 51.2e12),
+    ("H100 NVL", 835.0e12, 60.0e12),
     ("H100", 989.4e12, 66.9e12),
     ("A100", 312.0e12, 19.5e12),
 )
