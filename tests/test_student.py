@@ -193,14 +193,20 @@ def test_no_grad_forward_does_not_leave_the_root_gathered(tiny, one_process_grou
     assert not torch.equal(student.model.get_input_embeddings().weight.full_tensor(), before)
 
 
-def test_sampler_copy_follows_the_masters(tiny, one_process_group):
+def _bf16_student_after_a_backward(tiny, lr: float):
+    """A bf16 student with float32 masters, its optimizer, and the gradients of one micro-batch."""
     student = S.load_student(tiny, model_cfg(dtype="bfloat16"), torch.device("cpu"), 1)
-    optimizer, _ = T.make_optimizer(student.model, C.preset_test(), 1e-2, 0, 1)
+    optimizer, _ = T.make_optimizer(student.model, C.preset_test(), lr, 0, 1)
     with ops.backend("reference"):
         b = batch(student.tokenizer)[0]
         student.micro_batch(last=True)
         hidden, weight, bias = student.policy(b)
         (-ops.token_logprobs_linear(hidden, weight, b.loss_labels).sum()).backward()
+    return student, optimizer
+
+
+def test_sampler_copy_follows_the_masters(tiny, one_process_group):
+    student, optimizer = _bf16_student_after_a_backward(tiny, 1e-2)
     ptrs = [p.data_ptr() for p in student.sampler.parameters()]
     update = T.OptimizerStep(student, optimizer, grad_clip=1.0)
     update(torch.zeros(()))
@@ -243,13 +249,7 @@ def test_only_the_writing_rank_keeps_the_gathered_checkpoint(tiny, one_process_g
     writes, keeps them in host memory: 8 ranks of a 7B student would otherwise each hold 28 + 61 GB."""
     from exgrpo_fast import checkpoint as ckpt_lib
 
-    student = S.load_student(tiny, model_cfg(dtype="bfloat16"), torch.device("cpu"), 1)
-    optimizer, _ = T.make_optimizer(student.model, C.preset_test(), 1e-3, 0, 1)
-    with ops.backend("reference"):
-        b = batch(student.tokenizer)[0]
-        student.micro_batch(last=True)
-        hidden, weight, bias = student.policy(b)
-        (-ops.token_logprobs_linear(hidden, weight, b.loss_labels).sum()).backward()
+    student, optimizer = _bf16_student_after_a_backward(tiny, 1e-3)
     T.OptimizerStep(student, optimizer, grad_clip=1.0)(torch.zeros(()))
     _, _, files = student.export()
     _, osd = ckpt_lib._full_state(student.model, optimizer)
