@@ -72,6 +72,11 @@ def _rank() -> int:
     return dist.get_rank() if _is_distributed() else 0
 
 
+def is_writer() -> bool:
+    """Whether this process writes checkpoints (rank 0; the others only join the gathers)."""
+    return _rank() == 0
+
+
 def numpy_rng_state() -> dict:
     """NumPy's global RNG state as a tensor and plain numbers (a pickled ndarray would need an unsafe load)."""
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
@@ -172,7 +177,7 @@ def _full_tensors(osd: dict) -> dict | None:
     float32 moments of a 7B model are 56 GB: kept on all 8 ranks of a node they would take 448 GB of host memory)."""
     from torch.distributed.tensor import DTensor
 
-    keep = _rank() == 0
+    keep = is_writer()
     state: dict = {}
     for idx, st in osd["state"].items():
         state[idx] = row = {}
@@ -393,7 +398,7 @@ def save_checkpoint(
     if keep_last is not None and keep_last < 0:
         raise ValueError(f"keep_last={keep_last}: expected >= 0 (0 or None = keep all)")
     model_sd, optim_sd = _full_state(model, optimizer, model_state)
-    if _rank() == 0:
+    if is_writer():
         root = ckpt_dir.parent
         root.mkdir(parents=True, exist_ok=True)
         repair_checkpoints(root)

@@ -216,7 +216,9 @@ class Student:
             return self.model, None, {}
         files = {}
         if self.compute_dtype != MASTER_DTYPE:
-            files[MASTER_FILE] = full_parameters(self.model, keep=not dist.is_initialized() or dist.get_rank() == 0)
+            from exgrpo_fast.checkpoint import is_writer
+
+            files[MASTER_FILE] = full_parameters(self.model, keep=is_writer())
         return self.sampler, None, files
 
     def describe(self) -> str:
